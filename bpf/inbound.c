@@ -1,0 +1,239 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* Inbound capture and the return path, at tcx ingress/egress of the pod's
+ * interfaces: nat PREROUTING and mangle of inpod-rules.v4. Included by
+ * redirect.c. */
+#include "redirect.h"
+
+/* The namespace of the device the packet is on. bpf_get_netns_cookie(skb)
+ * follows skb->sk first, and at a veth's ingress that is still the sending
+ * socket in the peer's namespace; so read dev->nd_net through the kernel's
+ * sk_buff (CO-RE against the running kernel's BTF, kernel >= 6.3). */
+struct net {
+	__u64 net_cookie;
+} __attribute__((preserve_access_index));
+
+typedef struct {
+	struct net *net;
+} possible_net_t;
+
+struct net_device {
+	possible_net_t nd_net;
+} __attribute__((preserve_access_index));
+
+struct sk_buff {
+	struct net_device *dev;
+} __attribute__((preserve_access_index));
+
+extern void *bpf_cast_to_kern_ctx(void *) __ksym;
+
+static __always_inline __u64 dev_netns_cookie(struct __sk_buff *ctx)
+{
+	struct sk_buff *skb = bpf_cast_to_kern_ctx(ctx);
+	struct net_device *dev = skb->dev;
+
+	if (!dev)
+		return 0;
+	struct net *net = dev->nd_net.net;
+	if (!net)
+		return 0;
+	return net->net_cookie;
+}
+
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+
+struct pkt {
+	struct iphdr ip;
+	struct tcphdr tcp;
+	__u32 l3; /* offset of the IP header */
+	__u32 l4; /* offset of the TCP header */
+};
+
+/* 1: an IPv4 TCP packet with its headers in p; 0: not ours; -1: a TCP
+ * fragment, whose ports we cannot see (dropped: fail closed). */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return 0;
+	p->l3 = sizeof(struct ethhdr);
+	if (bpf_skb_load_bytes(skb, p->l3, &p->ip, sizeof(p->ip)))
+		return 0;
+	if (p->ip.version != 4 || p->ip.ihl < 5 || p->ip.protocol != IPPROTO_TCP)
+		return 0;
+	if (p->ip.frag_off & bpf_htons(IP_MF | IP_OFFSET))
+		return -1;
+	p->l4 = p->l3 + p->ip.ihl * 4;
+	if (bpf_skb_load_bytes(skb, p->l4, &p->tcp, sizeof(p->tcp)))
+		return -1; /* claims TCP, too short for a header */
+	if (p->tcp.doff < 5)
+		return -1;
+	return 1;
+}
+
+#define IP_CSUM_OFF(p) ((p)->l3 + offsetof(struct iphdr, check))
+#define TCP_CSUM_OFF(p) ((p)->l4 + offsetof(struct tcphdr, check))
+
+static __always_inline int set_addr(struct __sk_buff *skb, struct pkt *p, __u32 off_in_ip,
+				    __u32 from, __u32 to)
+{
+	if (from == to)
+		return 0;
+	if (bpf_l4_csum_replace(skb, TCP_CSUM_OFF(p), from, to, BPF_F_PSEUDO_HDR | sizeof(to)))
+		return -1;
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF(p), from, to, sizeof(to)))
+		return -1;
+	return bpf_skb_store_bytes(skb, p->l3 + off_in_ip, &to, sizeof(to), 0);
+}
+
+static __always_inline int set_port(struct __sk_buff *skb, struct pkt *p, __u32 off_in_tcp,
+				    __u16 from, __u16 to)
+{
+	if (from == to)
+		return 0;
+	if (bpf_l4_csum_replace(skb, TCP_CSUM_OFF(p), from, to, sizeof(to)))
+		return -1;
+	return bpf_skb_store_bytes(skb, p->l4 + off_in_tcp, &to, sizeof(to), 0);
+}
+
+/* nat PREROUTING for a new connection, first match wins. */
+static __always_inline enum rule inbound_rule(struct __sk_buff *skb, struct pkt *p)
+{
+	if (p->ip.saddr == cfg.probe_addr)
+		return RULE_IN_PROBE;
+	if (p->ip.daddr != LOCALHOST && p->tcp.dest != bpf_htons(cfg.hbone_port) &&
+	    !has_mark(skb->mark, cfg.proxy_mark))
+		return RULE_IN_REDIRECT;
+	return RULE_IN_UNTOUCHED;
+}
+
+/* A new inbound connection's destination port becomes 15006 on the interface's
+ * primary address (what REDIRECT does), and every later packet of it follows;
+ * pod_egress undoes it on the way back. */
+SEC("tc")
+int pod_ingress(struct __sk_buff *skb)
+{
+	struct pkt p;
+	int r = parse(skb, &p);
+
+	if (r <= 0)
+		return r < 0 ? TCX_DROP : TCX_NEXT;
+
+	struct flow_key k = {
+		.netns = dev_netns_cookie(skb),
+		.ip = p.ip.saddr,
+		.port = bpf_ntohs(p.tcp.source),
+	};
+	struct in_flow *f;
+
+	if (!(p.tcp.syn && !p.tcp.ack)) {
+		/* Not a new connection: follow the decision made for its SYN. */
+		f = bpf_map_lookup_elem(&in_flows, &k);
+		if (!f || p.ip.daddr != f->orig_ip || p.tcp.dest != bpf_htons(f->orig_port))
+			return TCX_NEXT;
+		if (set_addr(skb, &p, offsetof(struct iphdr, daddr), f->orig_ip, f->new_ip) ||
+		    set_port(skb, &p, offsetof(struct tcphdr, dest), p.tcp.dest,
+			     bpf_htons(cfg.inbound_port)))
+			return TCX_DROP;
+		return TCX_NEXT;
+	}
+
+	enum rule rule = inbound_rule(skb, &p);
+	if (rule != RULE_IN_REDIRECT) {
+		/* A new connection from a reused remote port is not redirected:
+		 * forget any earlier one so its later packets are left alone. */
+		bpf_map_delete_elem(&in_flows, &k);
+		count(k.netns, rule);
+		return TCX_NEXT;
+	}
+
+	struct iface_key ik = { .netns = k.netns, .ifindex = skb->ifindex };
+	struct iface_info *ifc = bpf_map_lookup_elem(&ifaces, &ik);
+	if (!ifc || !ifc->primary_ip) {
+		/* No state for this interface, or (as REDIRECT) no address. */
+		count(k.netns, RULE_FAIL_CLOSED);
+		return TCX_DROP;
+	}
+
+	struct in_flow nf = {
+		.orig_ip = p.ip.daddr,
+		.orig_port = bpf_ntohs(p.tcp.dest),
+		.new_ip = ifc->primary_ip,
+	};
+	if (bpf_map_update_elem(&in_flows, &k, &nf, BPF_ANY)) {
+		count(k.netns, RULE_FAIL_CLOSED);
+		return TCX_DROP;
+	}
+	if (set_addr(skb, &p, offsetof(struct iphdr, daddr), nf.orig_ip, nf.new_ip) ||
+	    set_port(skb, &p, offsetof(struct tcphdr, dest), p.tcp.dest,
+		     bpf_htons(cfg.inbound_port))) {
+		count(k.netns, RULE_FAIL_CLOSED);
+		return TCX_DROP;
+	}
+	count(k.netns, RULE_IN_REDIRECT);
+	return TCX_NEXT;
+}
+
+/* mangle: the reply to a connection the proxy opened with a spoofed source
+ * (its socket is local, marked 0x539) gets the connection mark 0x111 and, as
+ * the policy route would send it, goes back in through lo. */
+static __always_inline int reply_to_proxy(struct __sk_buff *skb, struct pkt *p, __u64 netns)
+{
+	struct bpf_sock_tuple t = {
+		.ipv4 = {
+			.saddr = p->ip.saddr,
+			.daddr = p->ip.daddr,
+			.sport = p->tcp.source,
+			.dport = p->tcp.dest,
+		},
+	};
+	struct bpf_sock *sk = bpf_sk_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	int ours = 0;
+
+	if (!sk)
+		return TCX_NEXT;
+	/* A listener would match any remote: only a connected local socket
+	 * whose local end is this packet's destination counts. */
+	if (sk->state != BPF_TCP_LISTEN && has_mark(sk->mark, cfg.proxy_mark))
+		ours = 1;
+	bpf_sk_release(sk);
+	if (!ours)
+		return TCX_NEXT;
+
+	static const __u8 zero_mac[ETH_ALEN] = {};
+	skb->mark = cfg.conn_mark;
+	/* lo drops frames not addressed to its (all-zero) MAC. */
+	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), zero_mac, ETH_ALEN, 0))
+		return TCX_DROP;
+	count(netns, RULE_CONNMARK_RESTORE);
+	return bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
+}
+
+SEC("tc")
+int pod_egress(struct __sk_buff *skb)
+{
+	struct pkt p;
+	int r = parse(skb, &p);
+
+	if (r <= 0)
+		return TCX_NEXT; /* our own stack's packets: nothing to undo */
+
+	__u64 netns = dev_netns_cookie(skb);
+
+	if (p.tcp.source == bpf_htons(cfg.inbound_port)) {
+		struct flow_key k = {
+			.netns = netns,
+			.ip = p.ip.daddr,
+			.port = bpf_ntohs(p.tcp.dest),
+		};
+		struct in_flow *f = bpf_map_lookup_elem(&in_flows, &k);
+
+		if (f && p.ip.saddr == f->new_ip) {
+			if (set_addr(skb, &p, offsetof(struct iphdr, saddr), f->new_ip, f->orig_ip) ||
+			    set_port(skb, &p, offsetof(struct tcphdr, source), p.tcp.source,
+				     bpf_htons(f->orig_port)))
+				return TCX_DROP;
+			return TCX_NEXT;
+		}
+	}
+	return reply_to_proxy(skb, &p, netns);
+}

@@ -1,0 +1,8 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* One object for every hook, so that they share one set of maps when loaded
+ * once per node. Each hook lives in its own file. */
+#include "outbound.c"
+#include "inbound.c"
+#include "origdst.c"
+
+char __license[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,311 @@
+package redirect
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/ebpf-redirect/ebpf-redirect/internal/config"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/datapath"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/podnet"
+)
+
+// DefaultRoot is where pins live unless told otherwise.
+const DefaultRoot = "/sys/fs/bpf/ebpf-redirect"
+
+// Layout under the root (all on bpffs):
+//
+//	dp/                    the shared programs and maps (datapath.Pin)
+//	pod_meta               map: pod id -> JSON record of what was attached
+//	pods/<id>/<hook>       the pod's links
+//	proxy/<cgroup id>/     the link at the proxy's cgroup, shared by its pods
+const (
+	dpDir    = "dp"
+	metaPin  = "pod_meta"
+	podsDir  = "pods"
+	proxyDir = "proxy"
+
+	maxPodID    = 63
+	metaKeySize = 64
+	metaValSize = 4096
+)
+
+var podIDRe = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
+
+// ValidatePodID accepts ids that are safe as one path component.
+func ValidatePodID(id string) error {
+	switch {
+	case id == "":
+		return errors.New("pod id is empty")
+	case len(id) > maxPodID:
+		return fmt.Errorf("pod id is %d bytes, at most %d allowed", len(id), maxPodID)
+	case !podIDRe.MatchString(id):
+		return fmt.Errorf("pod id %q: only letters, digits, '.', '_' and '-' are allowed, starting with a letter or digit (no '/', '..', spaces or NUL)", id)
+	}
+	return nil
+}
+
+// Record is what was attached for one pod, kept in the pod_meta map so that
+// a later process (detach, list) knows what to undo.
+type Record struct {
+	ID            string             `json:"id"`
+	State         string             `json:"state"` // "attaching" until every step is done
+	Netns         string             `json:"netns"`
+	Cgroup        string             `json:"cgroup"`
+	ProxyCgroup   string             `json:"proxy_cgroup,omitempty"`
+	NetnsCookie   uint64             `json:"netns_cookie"`
+	CgroupID      uint64             `json:"cgroup_id"`
+	ProxyCgroupID uint64             `json:"proxy_cgroup_id,omitempty"`
+	PodIP         string             `json:"pod_ip,omitempty"`
+	Ifaces        []Iface            `json:"ifaces"`
+	Local         []string           `json:"local_addrs"`
+	Route         podnet.PolicyRoute `json:"route"`
+	RuleCreated   bool               `json:"rule_created"`
+	RouteCreated  bool               `json:"route_created"`
+	AcceptLocal   string             `json:"accept_local_before,omitempty"`
+	AttachedAt    time.Time          `json:"attached_at"`
+}
+
+// Iface is an interface the tc programs are attached to.
+type Iface struct {
+	Index   int    `json:"index"`
+	Name    string `json:"name"`
+	Primary string `json:"primary,omitempty"`
+}
+
+const (
+	stateAttaching = "attaching"
+	stateAttached  = "attached"
+)
+
+// store is the pinned state under one root, held under an exclusive lock.
+type store struct {
+	root string
+	lock *os.File
+	meta *ebpf.Map
+	dp   *datapath.Datapath
+}
+
+// openStore checks the root is on bpffs, takes the lock, and opens (or
+// creates) the metadata map. The datapath is opened separately, on demand.
+func openStore(root string) (*store, error) {
+	if root == "" {
+		root = DefaultRoot
+	}
+	// The root itself, or (before its first use) its parent, must be on bpffs.
+	on := root
+	if _, err := os.Stat(root); err != nil {
+		on = filepath.Dir(root)
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(on, &fs); err != nil {
+		return nil, fmt.Errorf("bpffs: %s: %w (is bpffs mounted? mount -t bpf bpf %s)", on, err, on)
+	}
+	if fs.Type != unix.BPF_FS_MAGIC {
+		return nil, fmt.Errorf("bpffs: %s is not on a bpf filesystem; mount one (mount -t bpf bpf %s) or pass --bpffs DIR on one", on, on)
+	}
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, fmt.Errorf("bpffs: creating %s: %w", root, err)
+	}
+	lock, err := os.Open(root)
+	if err != nil {
+		return nil, err
+	}
+	// One writer at a time: two processes attaching or detaching at once
+	// would otherwise race on pins and map entries.
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("locking %s: %w", root, err)
+	}
+	s := &store{root: root, lock: lock}
+	if s.meta, err = openMeta(filepath.Join(root, metaPin)); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func openMeta(path string) (*ebpf.Map, error) {
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if err == nil {
+		return m, nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("opening %s: %w", path, err)
+	}
+	m, err = ebpf.NewMap(&ebpf.MapSpec{
+		Name:       "erd_pod_meta",
+		Type:       ebpf.Hash,
+		KeySize:    metaKeySize,
+		ValueSize:  metaValSize,
+		MaxEntries: 65536,
+		Flags:      unix.BPF_F_NO_PREALLOC,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("creating the pod metadata map: %w", err)
+	}
+	if err := m.Pin(path); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("pinning %s: %w", path, err)
+	}
+	return m, nil
+}
+
+// datapath opens the pinned programs, loading and pinning them the first time.
+// With cfg nil it only opens what is pinned, whatever its config.
+func (s *store) datapath(cfg *config.Config) (*datapath.Datapath, error) {
+	if s.dp != nil {
+		return s.dp, nil
+	}
+	dir := filepath.Join(s.root, dpDir)
+	var err error
+	if _, statErr := os.Stat(dir); statErr == nil {
+		s.dp, err = datapath.LoadPinned(dir, cfg)
+		return s.dp, err
+	}
+	if cfg == nil {
+		return nil, fmt.Errorf("no datapath pinned in %s", dir)
+	}
+	dp, err := datapath.Load(*cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := dp.Pin(dir); err != nil {
+		dp.Close()
+		return nil, err
+	}
+	s.dp = dp
+	return dp, nil
+}
+
+func metaKey(id string) []byte {
+	k := make([]byte, metaKeySize)
+	copy(k, id)
+	return k
+}
+
+func (s *store) get(id string) (*Record, error) {
+	v := make([]byte, metaValSize)
+	if err := s.meta.Lookup(metaKey(id), &v); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	return decodeRecord(v)
+}
+
+func decodeRecord(v []byte) (*Record, error) {
+	if i := indexZero(v); i >= 0 {
+		v = v[:i]
+	}
+	var r Record
+	if err := json.Unmarshal(v, &r); err != nil {
+		return nil, fmt.Errorf("corrupt pod record: %w", err)
+	}
+	return &r, nil
+}
+
+func indexZero(b []byte) int {
+	for i, c := range b {
+		if c == 0 {
+			return i
+		}
+	}
+	return -1
+}
+
+func (s *store) put(r *Record) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	if len(b) >= metaValSize {
+		return fmt.Errorf("pod %s: record of %d bytes exceeds %d (too many interfaces or addresses)", r.ID, len(b), metaValSize)
+	}
+	v := make([]byte, metaValSize)
+	copy(v, b)
+	return s.meta.Put(metaKey(r.ID), v)
+}
+
+func (s *store) del(id string) error {
+	err := s.meta.Delete(metaKey(id))
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil
+	}
+	return err
+}
+
+func (s *store) all() ([]*Record, error) {
+	var out []*Record
+	k := make([]byte, metaKeySize)
+	v := make([]byte, metaValSize)
+	it := s.meta.Iterate()
+	for it.Next(&k, &v) {
+		r, err := decodeRecord(v)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	return out, it.Err()
+}
+
+// podDir is where the pod's links are pinned. bpffs rejects names containing
+// a dot, so dots in the id become '~' (which ids cannot contain).
+func (s *store) podDir(id string) string {
+	return filepath.Join(s.root, podsDir, strings.ReplaceAll(id, ".", "~"))
+}
+
+func (s *store) proxyPin(cgroupID uint64) string {
+	return filepath.Join(s.root, proxyDir, fmt.Sprint(cgroupID), "getsockopt")
+}
+
+// Close releases handles and the lock; pins stay.
+func (s *store) Close() {
+	if s.dp != nil {
+		s.dp.Close()
+	}
+	if s.meta != nil {
+		s.meta.Close()
+	}
+	if s.lock != nil {
+		s.lock.Close() // drops the flock
+	}
+}
+
+// pruneIfEmpty removes the shared programs and maps once no pod uses them, so
+// that detaching the last pod leaves nothing of ours in the kernel.
+func (s *store) pruneIfEmpty(log *slog.Logger) error {
+	recs, err := s.all()
+	if err != nil || len(recs) > 0 {
+		return err
+	}
+	if s.dp != nil {
+		s.dp.Close()
+		s.dp = nil
+	}
+	var errs []error
+	for _, dir := range []string{filepath.Join(s.root, dpDir), filepath.Join(s.root, proxyDir), filepath.Join(s.root, podsDir)} {
+		if dir == filepath.Join(s.root, proxyDir) {
+			subs, _ := os.ReadDir(dir)
+			for _, sub := range subs {
+				errs = append(errs, removeLinks(filepath.Join(dir, sub.Name())))
+			}
+		}
+		// Programs and maps are released when their last pin goes.
+		errs = append(errs, os.RemoveAll(dir))
+	}
+	errs = append(errs, os.Remove(filepath.Join(s.root, metaPin)))
+	log.Info("no pods left; unloaded the datapath", "root", s.root)
+	return errors.Join(errs...)
+}

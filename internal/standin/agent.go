@@ -1,0 +1,245 @@
+package standin
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// MaybeRunRole runs the agent role named by EBPF_REDIRECT_ROLE, if it is set, and exits
+// the process when the harness closes the agent's stdin. Call it first thing in main()
+// (and in TestMain) of every binary the harness re-executes.
+func MaybeRunRole() {
+	role := os.Getenv(RoleEnv)
+	if role == "" {
+		return
+	}
+	os.Exit(runAgent(role, os.Stdin, os.Stdout))
+}
+
+// agent is one running role.
+type agent struct {
+	role string
+	log  *slog.Logger
+
+	outMu sync.Mutex
+	out   *json.Encoder
+
+	mu        sync.Mutex
+	proxyEvs  []ProxyEvent
+	serverEvs []ServerEvent
+	inFlight  int
+	listeners []io.Closer
+}
+
+func runAgent(role string, in io.Reader, out io.Writer) int {
+	switch role {
+	case RoleProxy, RoleApp, RolePeer:
+	default:
+		fmt.Fprintf(os.Stderr, "unknown %s %q\n", RoleEnv, role)
+		return 2
+	}
+	a := &agent{
+		role: role,
+		log:  slog.New(slog.NewTextHandler(os.Stderr, nil)).With("role", role, "pid", os.Getpid()),
+		out:  json.NewEncoder(out),
+	}
+	a.reply(Response{ID: 0, Ready: true, Pid: os.Getpid()})
+	sc := bufio.NewScanner(in)
+	sc.Buffer(make([]byte, 64*1024), 1<<20)
+	var wg sync.WaitGroup
+	for sc.Scan() {
+		var cmd Command
+		if err := json.Unmarshal(sc.Bytes(), &cmd); err != nil {
+			a.reply(Response{ID: -1, Error: "bad command: " + err.Error()})
+			continue
+		}
+		// Commands run concurrently: a slow dial must not hold up an events poll.
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			a.reply(a.handle(cmd))
+		}()
+	}
+	// stdin closed: the harness is done with us (or gone).
+	a.mu.Lock()
+	for _, l := range a.listeners {
+		l.Close()
+	}
+	a.mu.Unlock()
+	return 0
+}
+
+func (a *agent) reply(r Response) {
+	a.outMu.Lock()
+	defer a.outMu.Unlock()
+	if err := a.out.Encode(r); err != nil {
+		a.log.Error("writing response", "err", err)
+	}
+}
+
+func (a *agent) handle(cmd Command) Response {
+	r := Response{ID: cmd.ID}
+	switch {
+	case cmd.Op == OpListen && cmd.Listen != nil:
+		addr, err := a.listen(*cmd.Listen)
+		if err != nil {
+			r.Error = err.Error()
+		}
+		r.Addr = addr
+	case cmd.Op == OpProxy && cmd.Proxy != nil && a.role == RoleProxy:
+		if err := a.startProxy(*cmd.Proxy); err != nil {
+			r.Error = err.Error()
+		}
+	case cmd.Op == OpDial && cmd.Dial != nil:
+		spec := *cmd.Dial
+		if a.role == RoleProxy && spec.Mark == 0 {
+			spec.Mark = ProxyMark // the proxy marks every socket it creates
+		}
+		res := dial(spec)
+		r.Dial = &res
+	case cmd.Op == OpEvents:
+		a.mu.Lock()
+		r.Events = &Events{Proxy: a.proxyEvs, Server: a.serverEvs, InFlight: a.inFlight}
+		a.proxyEvs, a.serverEvs = nil, nil
+		a.mu.Unlock()
+	default:
+		r.Error = fmt.Sprintf("role %s cannot do %q", a.role, cmd.Op)
+	}
+	return r
+}
+
+func (a *agent) begin() {
+	a.mu.Lock()
+	a.inFlight++
+	a.mu.Unlock()
+}
+
+func (a *agent) end() {
+	a.mu.Lock()
+	a.inFlight--
+	a.mu.Unlock()
+}
+
+func (a *agent) addServerEvent(e ServerEvent) {
+	a.mu.Lock()
+	a.serverEvs = append(a.serverEvs, e)
+	a.mu.Unlock()
+}
+
+func (a *agent) addProxyEvent(e ProxyEvent) {
+	a.mu.Lock()
+	a.proxyEvs = append(a.proxyEvs, e)
+	a.mu.Unlock()
+}
+
+func (a *agent) keep(l io.Closer) {
+	a.mu.Lock()
+	a.listeners = append(a.listeners, l)
+	a.mu.Unlock()
+}
+
+// listen starts a server; it answers each request and records an event for it.
+func (a *agent) listen(spec ListenSpec) (string, error) {
+	ap, err := netip.ParseAddrPort(spec.Addr)
+	if err != nil {
+		return "", err
+	}
+	name := spec.Name
+	if name == "" {
+		name = a.role + ":" + strconv.Itoa(int(ap.Port()))
+		if spec.Proto == "udp" {
+			name += "/udp"
+		}
+	}
+	switch spec.Proto {
+	case "tcp", "":
+		// An IPv4 address gets an AF_INET socket; "[::]:p" Go makes dual-stack.
+		network := "tcp"
+		if ap.Addr().Is4() {
+			network = "tcp4"
+		}
+		l, err := net.Listen(network, spec.Addr)
+		if err != nil {
+			return "", err
+		}
+		a.keep(l)
+		go a.acceptLoop(l.(*net.TCPListener), func(c *net.TCPConn) { a.serveTCP(c, name) })
+		return l.Addr().String(), nil
+	case "udp":
+		return a.serveUDP(spec.Addr, name)
+	default:
+		return "", fmt.Errorf("unknown proto %q", spec.Proto)
+	}
+}
+
+// acceptLoop accepts until the listener closes; a connection counts as in flight from
+// the moment it is accepted until its handler returns.
+func (a *agent) acceptLoop(l *net.TCPListener, handle func(*net.TCPConn)) {
+	for {
+		c, err := l.AcceptTCP()
+		if err != nil {
+			return // closed
+		}
+		a.begin()
+		go func() {
+			defer a.end()
+			handle(c)
+		}()
+	}
+}
+
+// serveTCP answers one request as server `name`.
+func (a *agent) serveTCP(c *net.TCPConn, name string) {
+	defer c.Close()
+	ev := ServerEvent{Name: name, Proto: "tcp"}
+	_ = withFD(c, func(fd int) {
+		ev.Local, ev.Peer = names(fd)
+		ev.Mark = soMark(fd)
+	})
+	req, reply := readRequest(c, name)
+	ev.Request = req
+	// Recorded before the reply leaves: whoever sees the reply can also see the event.
+	a.addServerEvent(ev)
+	if reply != nil {
+		_ = reply()
+	}
+}
+
+// readRequest reads "REQ <token> <size>" and the payload; it returns a description of
+// the request and, when it was well formed, a function that sends the reply.
+func readRequest(c *net.TCPConn, name string) (string, func() error) {
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(io.LimitReader(c, 64<<20))
+	line, err := br.ReadString('\n')
+	if err != nil {
+		return "no-request:" + classify(err), nil
+	}
+	var token string
+	var size int
+	if _, err := fmt.Sscanf(line, requestLinePrefix+" %s %d\n", &token, &size); err != nil || size < 0 || size > 32<<20 {
+		return fmt.Sprintf("bad-request:%q", line), nil
+	}
+	got, intact, _ := checkPayload(br, upSeed(token), size)
+	state := "intact"
+	if !intact {
+		state = fmt.Sprintf("corrupt(got=%d)", got)
+	}
+	desc := fmt.Sprintf("%s %s %d %s", requestLinePrefix, token, size, state)
+	return desc, func() error {
+		bw := bufio.NewWriter(c)
+		fmt.Fprintf(bw, "%s %s %s %d\n", replyLinePrefix, name, token, size)
+		if _, err := io.CopyN(bw, payloadStream(downSeed(token)), int64(size)); err != nil {
+			return err
+		}
+		return bw.Flush()
+	}
+}

@@ -1,0 +1,147 @@
+// Package standin provides the long-running "agent" processes of the differential test
+// harness: a stand-in for the proxy (ztunnel), an application inside the pod and a peer
+// R outside it. Each agent is the harness's own binary re-executed (through nsenter, in
+// the right network namespace, and cloned straight into the right cgroup) with the
+// environment variable EBPF_REDIRECT_ROLE naming its role. The harness talks to it with
+// JSON lines over stdin/stdout: one Command per line in, one Response per line out.
+package standin
+
+// RoleEnv selects the role of a re-executed binary (see MaybeRunRole).
+const RoleEnv = "EBPF_REDIRECT_ROLE"
+
+// Roles.
+const (
+	RoleProxy = "proxy"
+	RoleApp   = "app"
+	RolePeer  = "peer"
+)
+
+// ProxyMark is the mark the proxy puts on every socket it creates (1337).
+const ProxyMark = 0x539
+
+// The proxy's listener ports.
+const (
+	PortOutbound = 15001
+	PortInbound  = 15006
+	PortHBONE    = 15008
+)
+
+// Operations of a Command.
+const (
+	OpListen = "listen" // start a server (app, peer)
+	OpProxy  = "proxy"  // start the proxy's listeners (proxy)
+	OpDial   = "dial"   // connect out and run one request (any role)
+	OpEvents = "events" // return and clear the accumulated events
+)
+
+// Command is one request from the harness to an agent.
+type Command struct {
+	ID     int         `json:"id"`
+	Op     string      `json:"op"`
+	Listen *ListenSpec `json:"listen,omitempty"`
+	Proxy  *ProxySpec  `json:"proxy,omitempty"`
+	Dial   *DialSpec   `json:"dial,omitempty"`
+}
+
+// Response answers the Command with the same ID. ID 0 with Ready set is the agent's
+// greeting once it is up.
+type Response struct {
+	ID     int         `json:"id"`
+	Ready  bool        `json:"ready,omitempty"`
+	Pid    int         `json:"pid,omitempty"`
+	Error  string      `json:"error,omitempty"`
+	Addr   string      `json:"addr,omitempty"` // listen: the bound address
+	Dial   *DialResult `json:"dial,omitempty"`
+	Events *Events     `json:"events,omitempty"`
+}
+
+// ListenSpec starts a server. Proto is "tcp" or "udp"; an IPv4 Addr gives an AF_INET
+// socket, "[::]:port" a dual-stack one. Name is how the server introduces itself in
+// replies and events (default "<role>:<port>", "/udp" appended for UDP).
+type ListenSpec struct {
+	Proto string `json:"proto"`
+	Addr  string `json:"addr"`
+	Name  string `json:"name,omitempty"`
+}
+
+// ProxySpec starts the proxy. Each listener can be left out to test failing closed.
+type ProxySpec struct {
+	Outbound bool `json:"outbound"` // [::]:15001
+	Inbound  bool `json:"inbound"`  // [::]:15006
+	HBONE    bool `json:"hbone"`    // [::]:15008
+	// DialTimeoutMS bounds the proxy's upstream connects (default 1500).
+	DialTimeoutMS int `json:"dial_timeout_ms,omitempty"`
+}
+
+// DialSpec makes the agent connect out and run one request/response exchange.
+// A v4-mapped Dst ("[::ffff:a.b.c.d]:p") makes an AF_INET6 socket.
+type DialSpec struct {
+	Proto     string `json:"proto"` // tcp | udp
+	Dst       string `json:"dst"`
+	Src       string `json:"src,omitempty"`  // bind before connect, ip:port (port may be 0)
+	Mark      uint32 `json:"mark,omitempty"` // SO_MARK before connect
+	Token     string `json:"token"`
+	Size      int    `json:"size,omitempty"`       // payload bytes after the request line (TCP)
+	TimeoutMS int    `json:"timeout_ms,omitempty"` // connect timeout; the exchange gets twice that (default 2000)
+}
+
+// Client outcomes.
+const (
+	OutcomeOK         = "ok"
+	OutcomeRefused    = "refused"
+	OutcomeReset      = "reset"
+	OutcomeTimeout    = "timeout"
+	OutcomeEOF        = "eof-without-reply"
+	OutcomeTruncated  = "truncated-reply"
+	OutcomeUnreach    = "unreachable"
+	OutcomeErrPrefix  = "error:"
+	ActionRelayed     = "relayed"
+	ActionServed      = "served"
+	ActionSelfCall    = "self-call-refused"
+	ActionDialFailed  = "dial-failed:" // + outcome of the upstream connect
+	OrigDstFromCT     = "SO_ORIGINAL_DST"
+	OrigDstFromLocal  = "getsockname"
+	requestLinePrefix = "REQ"
+	replyLinePrefix   = "RESP"
+)
+
+// DialResult is what the dialing side saw.
+type DialResult struct {
+	Outcome string `json:"outcome"`
+	Local   string `json:"local,omitempty"` // getsockname right after connect
+	Peer    string `json:"peer,omitempty"`  // getpeername right after connect
+	Reply   string `json:"reply,omitempty"`
+	Detail  string `json:"detail,omitempty"` // error text, for humans; not compared
+}
+
+// Events are what an agent's listeners saw since the last OpEvents.
+type Events struct {
+	Proxy    []ProxyEvent  `json:"proxy,omitempty"`
+	Server   []ServerEvent `json:"server,omitempty"`
+	InFlight int           `json:"in_flight"` // connections accepted and not finished yet
+}
+
+// ProxyEvent is one connection accepted by the proxy.
+type ProxyEvent struct {
+	Listener    int    `json:"listener"`
+	OrigDst     string `json:"orig_dst"`
+	OrigDstFrom string `json:"orig_dst_from"` // SO_ORIGINAL_DST/len=N or getsockname
+	Local       string `json:"local"`
+	Peer        string `json:"peer"`
+	Action      string `json:"action"`
+	UpLocal     string `json:"up_local,omitempty"`
+	UpPeer      string `json:"up_peer,omitempty"`
+	BytesUp     int64  `json:"bytes_up"`   // client → upstream
+	BytesDown   int64  `json:"bytes_down"` // upstream → client
+	Request     string `json:"request,omitempty"`
+}
+
+// ServerEvent is one connection (or datagram) accepted by a server.
+type ServerEvent struct {
+	Name    string `json:"name"`
+	Proto   string `json:"proto"`
+	Local   string `json:"local"`
+	Peer    string `json:"peer"`
+	Mark    uint32 `json:"mark"`
+	Request string `json:"request"`
+}

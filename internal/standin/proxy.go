@@ -1,0 +1,155 @@
+package standin
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// proxyListenConfig makes the proxy's listeners as the real one does: dual-stack,
+// SO_REUSEPORT, best-effort IP(V6)_TRANSPARENT, SO_MARK 0x539.
+var proxyListenConfig = net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+	var serr error
+	err := rc.Control(func(fd uintptr) {
+		s := int(fd)
+		if serr = unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); serr != nil {
+			return
+		}
+		_ = unix.SetsockoptInt(s, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+		_ = unix.SetsockoptInt(s, unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+		serr = unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_MARK, ProxyMark)
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}}
+
+// startProxy opens the requested listeners; it fails if any of them cannot be opened.
+func (a *agent) startProxy(spec ProxySpec) error {
+	timeout := time.Duration(spec.DialTimeoutMS) * time.Millisecond
+	if timeout <= 0 {
+		timeout = 1500 * time.Millisecond
+	}
+	for _, l := range []struct {
+		on   bool
+		port int
+	}{{spec.Outbound, PortOutbound}, {spec.Inbound, PortInbound}, {spec.HBONE, PortHBONE}} {
+		if !l.on {
+			continue
+		}
+		ln, err := proxyListenConfig.Listen(context.Background(), "tcp", fmt.Sprintf("[::]:%d", l.port))
+		if err != nil {
+			return fmt.Errorf("proxy listen %d: %w", l.port, err)
+		}
+		a.keep(ln)
+		port := l.port
+		go a.acceptLoop(ln.(*net.TCPListener), func(c *net.TCPConn) { a.proxyConn(c, port, timeout) })
+	}
+	return nil
+}
+
+func isSelfCall(dst netip.AddrPort) bool {
+	switch dst.Port() {
+	case PortOutbound, PortInbound, PortHBONE:
+		return dst.Addr().Unmap().IsLoopback()
+	}
+	return false
+}
+
+// proxyConn handles one accepted connection and records what the proxy saw.
+func (a *agent) proxyConn(c *net.TCPConn, port int, dialTimeout time.Duration) {
+	defer c.Close()
+	ev := ProxyEvent{Listener: port}
+	var orig, peer netip.AddrPort
+	_ = withFD(c, func(fd int) {
+		ev.Local, ev.Peer = names(fd)
+		if sa, err := unix.Getpeername(fd); err == nil {
+			peer = addrPortOf(sa)
+		}
+		if port != PortHBONE {
+			if dst, n, err := originalDst(fd); err == nil {
+				orig, ev.OrigDstFrom = dst, fmt.Sprintf("%s/len=%d", OrigDstFromCT, n)
+			}
+		}
+		if !orig.IsValid() {
+			if sa, err := unix.Getsockname(fd); err == nil {
+				orig, ev.OrigDstFrom = addrPortOf(sa), OrigDstFromLocal
+			}
+		}
+	})
+	orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
+	ev.OrigDst = orig.String()
+
+	if isSelfCall(orig) {
+		ev.Action = ActionSelfCall
+		a.addProxyEvent(ev)
+		closeGracefully(c)
+		return
+	}
+	if port == PortHBONE {
+		name := fmt.Sprintf("%s:%d", RoleProxy, PortHBONE)
+		req, reply := readRequest(c, name)
+		ev.Action, ev.Request = ActionServed, req
+		a.addProxyEvent(ev)
+		if reply != nil {
+			_ = reply()
+		}
+		return
+	}
+
+	opts := connectOpts{sotype: unix.SOCK_STREAM, dst: orig, mark: ProxyMark, timeout: dialTimeout}
+	if port == PortInbound {
+		// Deliver with the original client's address as source, as the real proxy does.
+		opts.transparent = true
+		opts.src = netip.AddrPortFrom(peer.Addr().Unmap(), 0)
+	}
+	up, upLocal, upPeer, err := rawConnect(opts)
+	if err != nil {
+		ev.Action = ActionDialFailed + classify(err)
+		a.addProxyEvent(ev)
+		closeGracefully(c)
+		return
+	}
+	defer up.Close()
+	ev.Action, ev.UpLocal, ev.UpPeer = ActionRelayed, upLocal, upPeer
+	ev.BytesUp, ev.BytesDown = relay(c, up.(*net.TCPConn))
+	a.addProxyEvent(ev)
+}
+
+// closeGracefully sends FIN and drains until the client closes too (bounded), so that
+// the client deterministically reads end-of-file rather than racing a reset against
+// the data it had already sent.
+func closeGracefully(c *net.TCPConn) {
+	_ = c.CloseWrite()
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, _ = io.Copy(io.Discard, c)
+}
+
+// relay copies both ways, propagating half-closes, until both directions are done.
+func relay(client, up *net.TCPConn) (upBytes, downBytes int64) {
+	deadline := time.Now().Add(30 * time.Second)
+	_ = client.SetDeadline(deadline)
+	_ = up.SetDeadline(deadline)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		upBytes, _ = io.Copy(up, client)
+		_ = up.CloseWrite()
+	}()
+	go func() {
+		defer wg.Done()
+		downBytes, _ = io.Copy(client, up)
+		_ = client.CloseWrite()
+	}()
+	wg.Wait()
+	return upBytes, downBytes
+}

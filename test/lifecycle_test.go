@@ -1,0 +1,342 @@
+package test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/ebpf-redirect/ebpf-redirect/internal/privtest"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/redirect"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/topology"
+)
+
+// cliResult is one run of the ebpf-redirect binary.
+type cliResult struct {
+	code   int
+	output string
+}
+
+func runCLI(t *testing.T, env []string, args ...string) cliResult {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, ebpfBinary(t), args...)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return cliResult{0, string(out)}
+	case errors.As(err, &ee):
+		return cliResult{ee.ExitCode(), string(out)}
+	default:
+		t.Fatalf("running %v: %v", args, err)
+		return cliResult{}
+	}
+}
+
+// lifecycleRun gives a test a run (bpffs, cgroup subtree) and removes it after.
+func lifecycleRun(t *testing.T) *topology.Run {
+	t.Helper()
+	privtest.Require(t, "iptables-restore")
+	r, err := topology.NewRun()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := r.Close(); err != nil {
+			t.Errorf("cleaning up run: %v", err)
+		}
+	})
+	return r
+}
+
+func newPod(t *testing.T, r *topology.Run) *topology.Pod {
+	t.Helper()
+	p, err := r.NewPod()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func attachArgs(r *topology.Run, p *topology.Pod) []string {
+	return []string{"attach", "--pod-id", p.ID, "--netns", p.NetNSPath(), "--cgroup", p.PodCgroup,
+		"--proxy-cgroup", p.ProxyCgrp, "--bpffs", r.BPFFS}
+}
+
+// podState is what of a pod can be seen from outside: pins, map entries, the
+// policy route, the sysctl.
+type podState struct {
+	pins        []string
+	podEntries  int
+	ruleCount   int
+	acceptLocal string
+}
+
+func pinsUnder(t *testing.T, dir string) []string {
+	var out []string
+	_ = filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+		// maps.debug and progs.debug are the kernel's own, at the mount's root.
+		if err == nil && !d.IsDir() && !strings.HasSuffix(path, ".debug") {
+			rel, _ := filepath.Rel(dir, path)
+			out = append(out, rel)
+		}
+		return nil
+	})
+	return out
+}
+
+func mapEntries(t *testing.T, path string) int {
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0
+	}
+	if err != nil {
+		t.Fatalf("opening %s: %v", path, err)
+	}
+	defer m.Close()
+	var k, v []byte
+	n := 0
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	return n
+}
+
+func inspectPod(t *testing.T, r *topology.Run, p *topology.Pod) podState {
+	t.Helper()
+	var s podState
+	for _, pin := range pinsUnder(t, r.BPFFS) {
+		if strings.HasPrefix(pin, "pods/"+p.ID+"/") {
+			s.pins = append(s.pins, pin)
+		}
+	}
+	s.podEntries = mapEntries(t, filepath.Join(r.BPFFS, "dp", "map_pods"))
+	ns, err := netns.GetFromPath(p.NetNSPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	rules, err := h.RuleList(unix.AF_INET)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ru := range rules {
+		if ru.Table == 100 && ru.Mark == 0x111 {
+			s.ruleCount++
+		}
+	}
+	out, err := exec.Command("ip", "netns", "exec", p.NetNS, "cat", "/proc/sys/net/ipv4/conf/lo/accept_local").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.acceptLocal = strings.TrimSpace(string(out))
+	return s
+}
+
+func TestAttachDetachLifecycle(t *testing.T) {
+	r := lifecycleRun(t)
+	p := newPod(t, r)
+
+	before := inspectPod(t, r, p)
+	if res := runCLI(t, nil, attachArgs(r, p)...); res.code != 0 {
+		t.Fatalf("attach failed (%d): %s", res.code, res.output)
+	}
+	on := inspectPod(t, r, p)
+	wantPins := []string{"cgroup_connect4", "cgroup_getpeername4", "cgroup_sockops", "tcx_egress_", "tcx_ingress_"}
+	for _, w := range wantPins {
+		found := false
+		for _, pin := range on.pins {
+			found = found || strings.HasPrefix(pin, "pods/"+p.ID+"/"+w)
+		}
+		if !found {
+			t.Errorf("after attach, no pin %s* in %v", w, on.pins)
+		}
+	}
+	if on.podEntries != 1 || on.ruleCount != 1 || on.acceptLocal != "1" {
+		t.Errorf("after attach: %+v, want 1 pod entry, 1 rule, accept_local 1", on)
+	}
+	if len(pinsUnder(t, filepath.Join(r.BPFFS, "proxy"))) != 1 {
+		t.Errorf("no getsockopt link pinned for the proxy cgroup")
+	}
+	if res := runCLI(t, nil, "list", "--bpffs", r.BPFFS); res.code != 0 || !strings.Contains(res.output, p.ID) || !strings.Contains(res.output, "attached") {
+		t.Errorf("list: %d %s", res.code, res.output)
+	}
+
+	if res := runCLI(t, nil, "detach", "--pod-id", p.ID, "--bpffs", r.BPFFS); res.code != 0 {
+		t.Fatalf("detach failed (%d): %s", res.code, res.output)
+	}
+	after := inspectPod(t, r, p)
+	if len(after.pins) != 0 || after.podEntries != 0 || after.ruleCount != before.ruleCount || after.acceptLocal != before.acceptLocal {
+		t.Errorf("after detach: %+v, want as before attach: %+v", after, before)
+	}
+	if left := pinsUnder(t, r.BPFFS); len(left) != 0 {
+		t.Errorf("detaching the last pod left pins: %v", left)
+	}
+}
+
+// Every bad input is refused with an error naming the problem and a non-zero
+// exit, creates nothing, and leaves an already attached pod as it was.
+func TestBadInputIsRefused(t *testing.T) {
+	r := lifecycleRun(t)
+	good := newPod(t, r)
+	other := newPod(t, r)
+	if res := runCLI(t, nil, attachArgs(r, good)...); res.code != 0 {
+		t.Fatalf("attach failed: %s", res.output)
+	}
+	t.Cleanup(func() { runCLI(t, nil, "detach", "--pod-id", good.ID, "--bpffs", r.BPFFS) })
+	goodBefore := inspectPod(t, r, good)
+
+	regular := filepath.Join(t.TempDir(), "not-a-netns")
+	if err := os.WriteFile(regular, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	removed := filepath.Join(r.CgroupDir, "removed-cgroup")
+	if err := os.Mkdir(removed, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(removed); err != nil {
+		t.Fatal(err)
+	}
+	notBPF := filepath.Join(t.TempDir(), "erd")
+
+	base := func(mod func(a map[string]string)) []string {
+		a := map[string]string{"--pod-id": other.ID, "--netns": other.NetNSPath(), "--cgroup": other.PodCgroup,
+			"--proxy-cgroup": other.ProxyCgrp, "--bpffs": r.BPFFS}
+		mod(a)
+		args := []string{"attach"}
+		for _, k := range []string{"--pod-id", "--netns", "--cgroup", "--proxy-cgroup", "--bpffs"} {
+			args = append(args, k, a[k])
+		}
+		return args
+	}
+	set := func(k, v string) func(map[string]string) { return func(a map[string]string) { a[k] = v } }
+
+	cases := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"missing netns", base(set("--netns", "/run/netns/erd-does-not-exist")), "no such file"},
+		{"netns is a regular file", base(set("--netns", regular)), "not a network namespace"},
+		{"cgroup is not a cgroup", base(set("--cgroup", t.TempDir())), "not on a cgroup v2"},
+		{"root cgroup", base(set("--cgroup", r.CgroupFS)), "root cgroup"},
+		{"removed cgroup", base(set("--cgroup", removed)), "no such file"},
+		{"proxy cgroup is not a cgroup", base(set("--proxy-cgroup", t.TempDir())), "proxy cgroup"},
+		{"pod id with slash", base(set("--pod-id", "a/b")), "pod id"},
+		{"pod id dotdot", base(set("--pod-id", "..")), "pod id"},
+		{"pod id with space", base(set("--pod-id", "a b")), "pod id"},
+		{"pod id empty", base(set("--pod-id", "")), "pod id is empty"},
+		{"pod id too long", base(set("--pod-id", strings.Repeat("a", 64))), "at most 63"},
+		{"bpffs not mounted", base(set("--bpffs", notBPF)), "not on a bpf filesystem"},
+		{"double attach", attachArgs(r, good), "already attached"},
+		{"same netns as another pod", base(set("--netns", good.NetNSPath())), "already attached as pod"},
+		{"same cgroup as another pod", base(set("--cgroup", good.PodCgroup)), "already attached as pod"},
+		{"detach unknown pod", []string{"detach", "--pod-id", "erd-never-attached", "--bpffs", r.BPFFS}, "not attached"},
+		{"port zero", append(base(func(map[string]string) {}), "--outbound-port", "0"), "outbound port must be 1-65535"},
+		{"port too large", append(base(func(map[string]string) {}), "--inbound-port", "70000"), "out of range"},
+		{"mark zero", append(base(func(map[string]string) {}), "--proxy-mark", "0"), "proxy mark must not be 0"},
+		{"mask hides the mark", append(base(func(map[string]string) {}), "--mark-mask", "0xff"), "outside the mark mask"},
+		{"probe address not IPv4", append(base(func(map[string]string) {}), "--probe-addr", "::1"), "probe address"},
+		{"unknown flag", append(base(func(map[string]string) {}), "--bogus"), "unknown flag"},
+	}
+	// cgroup v1 is only there on hybrid hosts.
+	for _, v1 := range []string{"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/memory"} {
+		var fs unix.Statfs_t
+		if unix.Statfs(v1, &fs) == nil && fs.Type == unix.CGROUP_SUPER_MAGIC {
+			cases = append(cases, struct {
+				name string
+				args []string
+				want string
+			}{"cgroup v1 path", base(set("--cgroup", v1)), "cgroup v1"})
+			break
+		}
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			res := runCLI(t, nil, tc.args...)
+			if res.code == 0 {
+				t.Fatalf("exit 0, want an error containing %q; output: %s", tc.want, res.output)
+			}
+			if !strings.Contains(res.output, tc.want) {
+				t.Fatalf("error does not name the problem: want %q in %q", tc.want, res.output)
+			}
+			if st := inspectPod(t, r, other); len(st.pins) != 0 || st.ruleCount != 0 {
+				t.Fatalf("refused attach left state behind: %+v", st)
+			}
+			if now := inspectPod(t, r, good); !equalState(now, goodBefore) {
+				t.Fatalf("attached pod changed: %+v, was %+v", now, goodBefore)
+			}
+		})
+	}
+}
+
+func equalState(a, b podState) bool {
+	return strings.Join(a.pins, ",") == strings.Join(b.pins, ",") && a.podEntries == b.podEntries &&
+		a.ruleCount == b.ruleCount && a.acceptLocal == b.acceptLocal
+}
+
+// An attach that fails at any step undoes the steps before it.
+func TestFailedAttachLeavesNothing(t *testing.T) {
+	r := lifecycleRun(t)
+	// The node's first pod failing leaves no datapath behind either.
+	first := newPod(t, r)
+	res := runCLI(t, []string{redirect.FaultEnv + "=done"}, attachArgs(r, first)...)
+	if res.code == 0 {
+		t.Fatalf("want the injected fault: %s", res.output)
+	}
+	if left := pinsUnder(t, r.BPFFS); len(left) != 0 {
+		t.Fatalf("failed first attach left pins: %v", left)
+	}
+
+	good := newPod(t, r)
+	if res := runCLI(t, nil, attachArgs(r, good)...); res.code != 0 {
+		t.Fatalf("attach failed: %s", res.output)
+	}
+	t.Cleanup(func() { runCLI(t, nil, "detach", "--pod-id", good.ID, "--bpffs", r.BPFFS) })
+	goodBefore := inspectPod(t, r, good)
+
+	for _, step := range []string{"maps", "route", "tc", "cgroup", "proxy", "done"} {
+		t.Run("fault before "+step, func(t *testing.T) {
+			p := newPod(t, r)
+			before := inspectPod(t, r, p)
+			res := runCLI(t, []string{redirect.FaultEnv + "=" + step}, attachArgs(r, p)...)
+			if res.code == 0 || !strings.Contains(res.output, "injected fault before "+step) {
+				t.Fatalf("want the injected fault, got %d: %s", res.code, res.output)
+			}
+			if after := inspectPod(t, r, p); !equalState(after, before) {
+				t.Fatalf("failed attach left state: %+v, before %+v", after, before)
+			}
+			if res := runCLI(t, nil, "list", "--bpffs", r.BPFFS); strings.Contains(res.output, p.ID) {
+				t.Fatalf("failed attach left a record: %s", res.output)
+			}
+			if now := inspectPod(t, r, good); !equalState(now, goodBefore) {
+				t.Fatalf("attached pod changed: %+v, was %+v", now, goodBefore)
+			}
+			// And the pod can then be attached for real.
+			if res := runCLI(t, nil, attachArgs(r, p)...); res.code != 0 {
+				t.Fatalf("attach after a failed one: %s", res.output)
+			}
+			if res := runCLI(t, nil, "detach", "--pod-id", p.ID, "--bpffs", r.BPFFS); res.code != 0 {
+				t.Fatalf("detach: %s", res.output)
+			}
+		})
+	}
+}
