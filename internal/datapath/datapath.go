@@ -82,10 +82,24 @@ func Spec(cfg config.Config) (*ebpf.CollectionSpec, error) {
 }
 
 // Load loads the programs into the kernel, unpinned. A verifier rejection is
-// returned with the verifier's full log.
+// returned with the verifier's full log. Map sizes are the compiled ones,
+// unless MapSizesEnv overrides some (tests shrink maps through the CLI so).
 func Load(cfg config.Config) (*Datapath, error) {
+	sizes, err := ParseMapSizes(os.Getenv(MapSizesEnv))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", MapSizesEnv, err)
+	}
+	return LoadWithSizes(cfg, sizes)
+}
+
+// LoadWithSizes is Load with the capacity of some maps changed (map name to
+// max entries), to test what happens when a map is full.
+func LoadWithSizes(cfg config.Config, sizes MapSizes) (*Datapath, error) {
 	spec, err := Spec(cfg)
 	if err != nil {
+		return nil, err
+	}
+	if err := sizes.apply(spec); err != nil {
 		return nil, err
 	}
 	coll, err := ebpf.NewCollection(spec)
@@ -119,6 +133,7 @@ func (d *Datapath) objects() (map[string]*ebpf.Program, map[string]*ebpf.Map) {
 			redirectProgPodSockops:      d.PodSockops,
 			redirectProgPodIngress:      d.PodIngress,
 			redirectProgPodEgress:       d.PodEgress,
+			redirectProgPodSockIngress:  d.PodSockIngress,
 			redirectProgProxyGetsockopt: d.ProxyGetsockopt,
 		}, map[string]*ebpf.Map{
 			redirectMapPods:       d.Pods,
@@ -200,6 +215,7 @@ func LoadPinned(dir string, cfg *config.Config) (*Datapath, error) {
 	out.PodConnect4, out.PodGetpeername4, out.PodSockops = progs[redirectProgPodConnect4], progs[redirectProgPodGetpeername4], progs[redirectProgPodSockops]
 	out.PodConnect6, out.PodGetpeername6 = progs[redirectProgPodConnect6], progs[redirectProgPodGetpeername6]
 	out.PodIngress, out.PodEgress, out.ProxyGetsockopt = progs[redirectProgPodIngress], progs[redirectProgPodEgress], progs[redirectProgProxyGetsockopt]
+	out.PodSockIngress = progs[redirectProgPodSockIngress]
 	out.Pods, out.LocalAddrs, out.Ifaces = maps[redirectMapPods], maps[redirectMapLocalAddrs], maps[redirectMapIfaces]
 	out.SkOrig, out.OutFlows, out.InFlows, out.Counters = maps[redirectMapSkOrig], maps[redirectMapOutFlows], maps[redirectMapInFlows], maps[redirectMapCounters]
 	out.Rodata = maps["rodata"]

@@ -264,6 +264,7 @@ func Attach(ctx context.Context, o Options, p Pod) (err error) {
 		{"cgroup_connect6", dp.PodConnect6, ebpf.AttachCGroupInet6Connect},
 		{"cgroup_getpeername6", dp.PodGetpeername6, ebpf.AttachCgroupInet6GetPeername},
 		{"cgroup_sockops", dp.PodSockops, ebpf.AttachCGroupSockOps},
+		{"cgroup_skb_ingress", dp.PodSockIngress, ebpf.AttachCGroupInetIngress},
 	} {
 		var l link.Link
 		l, err = link.AttachCgroup(link.CgroupOptions{Path: cg.Path, Attach: h.attach, Program: h.prog})
