@@ -200,9 +200,9 @@ func TestInboundFlowIsForgottenWhenTheConnectionEnds(t *testing.T) {
 		ingress(t, in(sport, func(p *tcpPacket) { p.rst, p.ack, p.seq = true, false, 0 }))
 		mustExist(t, sport, "a reset before the proxy acknowledged anything")
 		egress(t, out(sport, func(p *tcpPacket) { p.syn, p.seq, p.ackSeq = true, proxyISN, remoteISN+1 }))
-		ingress(t, in(sport, func(p *tcpPacket) { p.rst, p.ack, p.seq = true, false, remoteISN + 2 }))
+		ingress(t, in(sport, func(p *tcpPacket) { p.rst, p.ack, p.seq = true, false, remoteISN+2 }))
 		mustExist(t, sport, "a reset off the acknowledged sequence number")
-		ingress(t, in(sport, func(p *tcpPacket) { p.rst, p.ack, p.seq = true, false, remoteISN + 1 }))
+		ingress(t, in(sport, func(p *tcpPacket) { p.rst, p.ack, p.seq = true, false, remoteISN+1 }))
 		mustBeGone(t, sport, "the remote's reset")
 	})
 }
