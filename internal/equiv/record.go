@@ -25,9 +25,9 @@ type Record struct {
 	// their time-outs).
 	StillOpen map[string]int
 	// Wire are the connection attempts sniffed on the wire (cases with Wire).
-	Wire []string
-	Proxy     []standin.ProxyEvent
-	Servers   []standin.ServerEvent
+	Wire    []string
+	Proxy   []standin.ProxyEvent
+	Servers []standin.ServerEvent
 	// Fixed are the case's meaningful ports; all others are normalized (see Lines).
 	Fixed map[uint16]bool
 }
