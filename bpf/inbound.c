@@ -154,6 +154,30 @@ static __always_inline void track_out(struct flow_key *k, struct in_flow *f, str
 		bpf_map_delete_elem(&in_flows, k);
 }
 
+/* Whether the redirected connection recorded in f, from the packet's remote
+ * ip:port, still has a socket that is not closing for good: a full or
+ * request socket at its rewritten address (new_ip:15006). A listener (no
+ * connection) or one in TIME_WAIT does not count. */
+static __always_inline int redirected_conn_open(struct __sk_buff *skb, struct pkt *p, struct in_flow *f)
+{
+	struct bpf_sock_tuple t = {
+		.ipv4 = {
+			.saddr = p->ip.saddr,
+			.daddr = f->new_ip,
+			.sport = p->tcp.source,
+			.dport = bpf_htons(cfg.inbound_port),
+		},
+	};
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	int open;
+
+	if (!sk)
+		return 0;
+	open = sk->state != BPF_TCP_LISTEN && sk->state != BPF_TCP_TIME_WAIT && sk->state != BPF_TCP_CLOSE;
+	bpf_sk_release(sk);
+	return open;
+}
+
 /* nat PREROUTING for a new connection, first match wins. */
 static __always_inline enum rule inbound_rule(struct __sk_buff *skb, struct pkt *p)
 {
@@ -198,12 +222,25 @@ int pod_ingress(struct __sk_buff *skb)
 	}
 
 	enum rule rule = inbound_rule(skb, &p);
+	f = bpf_map_lookup_elem(&in_flows, &k);
+	/* The remote port already carries a redirected connection, to another
+	 * destination, that is still open: after the rewrite both would be
+	 * remote -> primary:15006. REDIRECT's conntrack drops such a clashing SYN
+	 * (the client retries); so do we, rather than hijack the open one. */
+	int clash = f && (f->orig_ip != p.ip.daddr || f->orig_port != bpf_ntohs(p.tcp.dest)) &&
+		    redirected_conn_open(skb, &p, f);
 	if (rule != RULE_IN_REDIRECT) {
-		/* A new connection from a reused remote port is not redirected:
-		 * forget any earlier one so its later packets are left alone. */
-		bpf_map_delete_elem(&in_flows, &k);
+		/* Not redirected: a record of an earlier connection from this
+		 * remote port is stale unless that connection is still open (the
+		 * new one's packets do not match it either way). */
+		if (f && !clash)
+			bpf_map_delete_elem(&in_flows, &k);
 		count(k.netns, rule);
 		return TCX_NEXT;
+	}
+	if (clash) {
+		count(k.netns, RULE_FAIL_CLOSED);
+		return TCX_DROP;
 	}
 
 	struct iface_key ik = { .netns = k.netns, .ifindex = skb->ifindex };

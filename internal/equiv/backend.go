@@ -112,6 +112,7 @@ func (b *Iptables) Remove(ctx context.Context, _ *topology.Run, pod *topology.Po
 type Ebpf struct {
 	Binary    string
 	ExtraArgs []string // appended to attach (config flags, or a deliberate mutation)
+	Env       []string // added to attach's environment (test knobs such as datapath.MapSizesEnv)
 }
 
 func (b *Ebpf) Name() string { return "ebpf" }
@@ -129,7 +130,7 @@ func (b *Ebpf) AttachArgs(run *topology.Run, pod *topology.Pod) []string {
 }
 
 func (b *Ebpf) Apply(ctx context.Context, run *topology.Run, pod *topology.Pod) error {
-	return runIn(ctx, nil, b.Binary, b.AttachArgs(run, pod)...)
+	return runEnv(ctx, b.Env, nil, b.Binary, b.AttachArgs(run, pod)...)
 }
 
 func (b *Ebpf) Remove(ctx context.Context, run *topology.Run, pod *topology.Pod) error {
@@ -138,9 +139,17 @@ func (b *Ebpf) Remove(ctx context.Context, run *topology.Run, pod *topology.Pod)
 
 // runIn runs a command with stdin, bounded in time, and reports its output on failure.
 func runIn(ctx context.Context, stdin []byte, name string, args ...string) error {
+	return runEnv(ctx, nil, stdin, name, args...)
+}
+
+// runEnv is runIn with variables added to the environment.
+func runEnv(ctx context.Context, env []string, stdin []byte, name string, args ...string) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, name, args...)
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.Stdin = bytes.NewReader(stdin)
 	out, err := cmd.CombinedOutput()
 	if err != nil {

@@ -49,6 +49,9 @@ type Case struct {
 	// RemoveWhileOpen removes the backend while the connection is open (after its
 	// request line), lets it finish, then makes the same connection again.
 	RemoveWhileOpen bool
+	// Meanwhile is a second connection, by the same client, made while the first
+	// is held open after its request line; the first finishes after it.
+	Meanwhile *standin.DialSpec
 	// Wire records the connection attempts (SYNs) crossing the pod's lo and R's
 	// eth0: the evidence for a case in which no party accepts anything.
 	Wire bool
@@ -98,6 +101,10 @@ func (c Case) FixedPorts() map[uint16]bool {
 	}
 	add(c.Dial.Dst)
 	add(c.Dial.Src)
+	if c.Meanwhile != nil {
+		add(c.Meanwhile.Dst)
+		add(c.Meanwhile.Src)
+	}
 	return fixed
 }
 
@@ -296,6 +303,16 @@ func Cases() []Case {
 		{Name: "in-dual-stack-app", Description: "the app listens on [::]:8080 (dual-stack): it sees R as ::ffff:10.77.0.1",
 			Proxy: allListeners, App: []standin.ListenSpec{tcp("[::]:8080")}, Peer: peerServers,
 			Client: ClientPeer, Dial: standin.DialSpec{Dst: "10.77.0.2:8080"}, Expect: viaProxyToApp},
+		{Name: "in-same-source-port-two-ports", Description: "R connects from one port to P:8080 and, while that is open, from the same port to P:8082: after REDIRECT both are R:31337→P:15006; the first must live on",
+			Proxy: allListeners, App: append(slices.Clone(appServers), tcp("0.0.0.0:8082")), Peer: peerServers, Client: ClientPeer,
+			Dial:      standin.DialSpec{Dst: "10.77.0.2:8080", Src: "10.77.0.1:" + FixedSrcPort, ReuseAddr: true, Size: 1000},
+			Meanwhile: &standin.DialSpec{Dst: "10.77.0.2:8082", Src: "10.77.0.1:" + FixedSrcPort, ReuseAddr: true, TimeoutMS: 1500},
+			Expect:    "proxy:15006>app:8080"},
+		{Name: "in-same-source-port-then-hbone", Description: "R connects from one port to P:8080 and, while that is open, from the same port to P:15008 (not redirected): both live",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientPeer,
+			Dial:      standin.DialSpec{Dst: "10.77.0.2:8080", Src: "10.77.0.1:" + FixedSrcPort, ReuseAddr: true, Size: 1000},
+			Meanwhile: &standin.DialSpec{Dst: "10.77.0.2:15008", Src: "10.77.0.1:" + FixedSrcPort, ReuseAddr: true},
+			Expect:    "proxy:15006>app:8080,proxy:15008"},
 		inbound("in-pod-ip-15006", "R→P:15006 is redirected to 15006 itself; the proxy refuses the self call",
 			standin.DialSpec{Dst: "10.77.0.2:15006"}, "proxy:15006>self-call-refused"),
 		inbound("in-pod-ip-15001", "R→P:15001 is redirected to 15006; the proxy refuses the self call",

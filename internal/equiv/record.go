@@ -20,6 +20,9 @@ type Record struct {
 	// After is a second connection, made after the backend was removed (cases
 	// with RemoveWhileOpen).
 	After *standin.DialResult
+	// Meanwhile is a second connection made while the first was open (cases
+	// with Meanwhile).
+	Meanwhile *standin.DialResult
 	// StillOpen counts, by party, connections still open when the record was
 	// taken (cases with RemoveWhileOpen, whose broken connections wait for
 	// their time-outs).
@@ -169,6 +172,9 @@ func (r *Record) sortedServers() []standin.ServerEvent {
 func (r *Record) RawLines() []string {
 	c := r.Client
 	lines := []string{fmt.Sprintf("client: outcome=%s local=%s peer=%s reply=%q", c.Outcome, c.Local, c.Peer, c.Reply)}
+	if m := r.Meanwhile; m != nil {
+		lines = append(lines, fmt.Sprintf("meanwhile: outcome=%s local=%s peer=%s reply=%q", m.Outcome, m.Local, m.Peer, m.Reply))
+	}
 	if a := r.After; a != nil {
 		lines = append(lines, fmt.Sprintf("after removal: outcome=%s local=%s peer=%s reply=%q", a.Outcome, a.Local, a.Peer, a.Reply))
 	}

@@ -150,12 +150,17 @@ func (r *Runner) RunCase(ctx context.Context, c Case, b Backend) (rec *Record, e
 	}
 	spec := c.dialSpec()
 	var res standin.DialResult
-	var after *standin.DialResult
-	if !c.RemoveWhileOpen {
+	var after, meanwhile *standin.DialResult
+	switch {
+	case c.Meanwhile != nil:
+		if res, meanwhile, err = r.dialMeanwhile(ctx, c, client, spec); err != nil {
+			return nil, err
+		}
+	case !c.RemoveWhileOpen:
 		if res, err = client.Dial(ctx, spec); err != nil {
 			return nil, err
 		}
-	} else {
+	default:
 		if res, after, err = r.removeWhileOpen(ctx, c, b, pod, client, spec); err != nil {
 			return nil, err
 		}
@@ -173,7 +178,7 @@ func (r *Runner) RunCase(ctx context.Context, c Case, b Backend) (rec *Record, e
 	if err != nil && !(c.RemoveWhileOpen && cctx.Err() != nil) {
 		return nil, err
 	}
-	rec = &Record{Case: c.Name, Backend: b.Name(), Client: res, After: after, Fixed: c.FixedPorts()}
+	rec = &Record{Case: c.Name, Backend: b.Name(), Client: res, Meanwhile: meanwhile, After: after, Fixed: c.FixedPorts()}
 	for _, a := range []*standin.Agent{proxy, app, peer} {
 		rec.Proxy = append(rec.Proxy, evs[a].Proxy...)
 		rec.Servers = append(rec.Servers, evs[a].Server...)
@@ -192,6 +197,41 @@ func (r *Runner) RunCase(ctx context.Context, c Case, b Backend) (rec *Record, e
 		}
 	}
 	return rec, nil
+}
+
+// dialMeanwhile holds the case's connection open after its request line, makes the
+// Meanwhile connection, then lets the first one finish.
+func (r *Runner) dialMeanwhile(ctx context.Context, c Case, client *standin.Agent, spec standin.DialSpec) (standin.DialResult, *standin.DialResult, error) {
+	spec.Gate = "meanwhile-" + c.Name
+	type result struct {
+		res standin.DialResult
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		res, err := client.Dial(ctx, spec)
+		done <- result{res, err}
+	}()
+	second := *c.Meanwhile
+	if second.Proto == "" {
+		second.Proto = "tcp"
+	}
+	if second.Token == "" {
+		second.Token = c.Name + "-meanwhile"
+	}
+	err := client.WaitGate(ctx, spec.Gate)
+	var res standin.DialResult
+	if err == nil {
+		res, err = client.Dial(ctx, second)
+	}
+	if rerr := client.ReleaseGate(context.Background(), spec.Gate); err == nil {
+		err = rerr
+	}
+	first := <-done
+	if err == nil {
+		err = first.err
+	}
+	return first.res, &res, err
 }
 
 // removalSettle is how long the connection waits after the removal returned, so

@@ -3,6 +3,7 @@ package standin
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -248,10 +249,16 @@ func (a *agent) listen(spec ListenSpec) (string, error) {
 }
 
 // acceptLoop accepts until the listener closes; a connection counts as in flight from
-// the moment it is accepted until its handler returns.
+// the moment it is accepted until its handler returns. Running out of descriptors or
+// memory only pauses it, as in a real server.
 func (a *agent) acceptLoop(l *net.TCPListener, handle func(*net.TCPConn)) {
 	for {
 		c, err := l.AcceptTCP()
+		if errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) || errors.Is(err, unix.ENOBUFS) || errors.Is(err, unix.ENOMEM) {
+			a.log.Warn("accept", "err", err)
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
 		if err != nil {
 			return // closed
 		}

@@ -43,7 +43,7 @@ func dial(spec DialSpec) DialResult {
 	header := fmt.Sprintf("%s %s %d\n", requestLinePrefix, spec.Token, spec.Size)
 	o := connectOpts{
 		sotype: sotype, dst: dst, src: src, mark: spec.Mark, timeout: timeout,
-		method: spec.Method, device: spec.Device, mptcp: spec.MPTCP,
+		method: spec.Method, device: spec.Device, mptcp: spec.MPTCP, reuseAddr: spec.ReuseAddr,
 	}
 	if spec.Method == MethodTFOSendto || spec.Method == MethodTFOConnect {
 		o.first = []byte(header) // the request line goes with the connect

@@ -64,7 +64,11 @@ func runLoad(spec LoadSpec) LoadResult {
 		}
 	}
 	connect := func(i int) (*net.TCPConn, error) {
-		c, _, _, err := rawConnect(connectOpts{sotype: unix.SOCK_STREAM, dst: dsts[i%len(dsts)], timeout: timeout})
+		o := connectOpts{sotype: unix.SOCK_STREAM, dst: dsts[i%len(dsts)], timeout: timeout}
+		if spec.SrcPortBase > 0 {
+			o.src = netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(spec.SrcPortBase+i))
+		}
+		c, _, _, err := rawConnect(o)
 		if err != nil {
 			return nil, err
 		}
@@ -136,6 +140,11 @@ func runLoad(spec LoadSpec) LoadResult {
 			}()
 		}
 		wg.Wait()
+		if spec.Gate != "" {
+			if err := gates.hold(spec.Gate); err != nil {
+				note(OutcomeErrPrefix+"gate", err.Error(), false)
+			}
+		}
 		for i, c := range conns {
 			if c == nil {
 				continue

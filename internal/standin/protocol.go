@@ -127,6 +127,9 @@ type DialSpec struct {
 	Method string `json:"method,omitempty"`
 	// Device binds the socket to an interface (SO_BINDTODEVICE) before it connects.
 	Device string `json:"device,omitempty"`
+	// ReuseAddr sets SO_REUSEADDR before binding Src, so that two connections to
+	// different destinations can share a source port.
+	ReuseAddr bool `json:"reuse_addr,omitempty"`
 	// MPTCP makes the socket IPPROTO_MPTCP.
 	MPTCP bool `json:"mptcp,omitempty"`
 	// From runs the dial on a new OS thread (FromThread) or in a child process
@@ -211,6 +214,12 @@ type LoadSpec struct {
 	Parallel    int    `json:"parallel,omitempty"`
 	TokenPrefix string `json:"token_prefix"`
 	TimeoutMS   int    `json:"timeout_ms,omitempty"` // per connect (default 5000)
+	// SrcPortBase, if set, binds connection i to source port SrcPortBase+i, so
+	// that no two connections share a source port, whatever their destinations.
+	SrcPortBase int `json:"src_port_base,omitempty"`
+	// Gate (Concurrent only) holds every connection open, once all are
+	// established, until the harness releases the gate of that name.
+	Gate string `json:"gate,omitempty"`
 }
 
 // LoadResult is what a load saw.

@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -82,10 +81,7 @@ func (a *agent) proxyConn(c *net.TCPConn, port int, dialTimeout time.Duration, q
 	ev := ProxyEvent{Listener: port}
 	record := a.addProxyEvent
 	if quiet {
-		record = func(e ProxyEvent) {
-			act, _, _ := strings.Cut(e.Action, ":")
-			a.count(fmt.Sprintf("%s:%d:%s", RoleProxy, e.Listener, act))
-		}
+		record = func(e ProxyEvent) { a.count(fmt.Sprintf("%s:%d:%s", RoleProxy, e.Listener, e.Action)) }
 	}
 	var orig, peer netip.AddrPort
 	_ = withFD(c, func(fd int) {
@@ -159,14 +155,17 @@ func relay(client, up *net.TCPConn) (upBytes, downBytes int64) {
 	_ = up.SetDeadline(deadline)
 	var wg sync.WaitGroup
 	wg.Add(2)
+	// Copy through a buffer: io.Copy between two TCP connections splices
+	// through a pipe per direction, four more descriptors per connection, which
+	// a load test's proxy cannot afford (nor does the real proxy do it).
 	go func() {
 		defer wg.Done()
-		upBytes, _ = io.Copy(up, client)
+		upBytes, _ = io.CopyBuffer(struct{ io.Writer }{up}, struct{ io.Reader }{client}, make([]byte, 32<<10))
 		_ = up.CloseWrite()
 	}()
 	go func() {
 		defer wg.Done()
-		downBytes, _ = io.Copy(client, up)
+		downBytes, _ = io.CopyBuffer(struct{ io.Writer }{client}, struct{ io.Reader }{up}, make([]byte, 32<<10))
 		_ = client.CloseWrite()
 	}()
 	wg.Wait()

@@ -84,6 +84,7 @@ type connectOpts struct {
 	timeout     time.Duration
 	method      string // DialSpec.Method
 	device      string // SO_BINDTODEVICE
+	reuseAddr   bool   // SO_REUSEADDR
 	mptcp       bool   // IPPROTO_MPTCP
 	first       []byte // TFO methods: sent with (tfo-sendto) or right after (tfo-connect) the connect
 }
@@ -136,10 +137,23 @@ func rawConnect(o connectOpts) (c net.Conn, local, peer string, err error) {
 		if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_FREEBIND, 1); err != nil {
 			return nil, "", "", fmt.Errorf("IP_FREEBIND: %w", err)
 		}
+		// Pick the port at connect, knowing the destination, as a proxy under
+		// load must: a port picked at bind cannot be shared with a connection
+		// in TIME_WAIT, and a burst of short connections runs out of ports.
+		if o.src.Port() == 0 {
+			if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1); err != nil {
+				return nil, "", "", fmt.Errorf("IP_BIND_ADDRESS_NO_PORT: %w", err)
+			}
+		}
 	}
 	if o.device != "" {
 		if err := unix.SetsockoptString(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, o.device); err != nil {
 			return nil, "", "", fmt.Errorf("SO_BINDTODEVICE %s: %w", o.device, err)
+		}
+	}
+	if o.reuseAddr {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+			return nil, "", "", fmt.Errorf("SO_REUSEADDR: %w", err)
 		}
 	}
 	if o.src.IsValid() {
