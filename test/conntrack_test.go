@@ -56,19 +56,8 @@ func TestConntrackTableFull(t *testing.T) {
 					t.Errorf("remove: %v", err)
 				}
 			}()
-			var agents []*standin.Agent
-			defer func() {
-				for _, a := range agents {
-					_ = a.Close()
-				}
-			}()
 			start := func(role, ns, cg string) *standin.Agent {
-				a, err := standin.Start(ctx, standin.StartOptions{Role: role, NetNSPath: ns, CgroupDir: cg})
-				if err != nil {
-					t.Fatal(err)
-				}
-				agents = append(agents, a)
-				return a
+				return standin.MustStart(t, ctx, standin.StartOptions{Role: role, NetNSPath: ns, CgroupDir: cg})
 			}
 			proxy := start(standin.RoleProxy, pod.NetNSPath(), pod.ProxyCgrp)
 			app := start(standin.RoleApp, pod.NetNSPath(), pod.PodCgroup)

@@ -78,12 +78,7 @@ func newLoadRig(t *testing.T, env []string) *loadRig {
 	})
 	rig := &loadRig{run: r, pod: p}
 	start := func(role, ns, cg string) *standin.Agent {
-		a, err := standin.Start(ctx, standin.StartOptions{Role: role, NetNSPath: ns, CgroupDir: cg})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = a.Close() })
-		return a
+		return standin.MustStart(t, ctx, standin.StartOptions{Role: role, NetNSPath: ns, CgroupDir: cg})
 	}
 	// A process may hold 20000 descriptors here (and cannot raise that without
 	// CAP_SYS_RESOURCE); the proxy holds two per connection, so several share
@@ -172,6 +167,18 @@ type direction struct {
 	expect   []string
 	listener int // the proxy's listener the connections must cross
 	server   *standin.Agent
+}
+
+// concurrent is a load of n connections open at once.
+func (d direction) concurrent(n, timeoutMS int) standin.LoadSpec {
+	spec := standin.LoadSpec{Count: n, Concurrent: true, Parallel: 512, TimeoutMS: timeoutMS}
+	if d.name == "inbound" {
+		// One peer port towards two ports of the pod would clash after
+		// REDIRECT (see in-same-source-port-two-ports) and wait for the
+		// first to close, which here waits for all: one port each.
+		spec.SrcPortBase = 30000
+	}
+	return spec
 }
 
 func (rig *loadRig) directions() []direction {
@@ -355,13 +362,7 @@ func TestLoadConcurrentConnections(t *testing.T) {
 	n := loadSize(10000)
 	for _, d := range rig.directions() {
 		t.Run(d.name, func(t *testing.T) {
-			spec := standin.LoadSpec{Count: n, Concurrent: true, Parallel: 512, TimeoutMS: 20000}
-			if d.name == "inbound" {
-				// One peer port towards two ports of the pod would clash after
-				// REDIRECT (see in-same-source-port-two-ports) and wait for the
-				// first to close, which here waits for all: one port each.
-				spec.SrcPortBase = 30000
-			}
+			spec := d.concurrent(n, 20000)
 			res, e := rig.runLoad(t, d, spec)
 			rig.checkLoad(t, d, spec, res, e)
 		})
@@ -406,11 +407,7 @@ func TestTinyLRUMapsNeverMisroute(t *testing.T) {
 	n := loadSize(2000)
 	for _, d := range rig.directions() {
 		t.Run(d.name, func(t *testing.T) {
-			spec := standin.LoadSpec{Count: n, Concurrent: true, Parallel: 512, TimeoutMS: 3000}
-			if d.name == "inbound" {
-				spec.SrcPortBase = 30000
-			}
-			res, e := rig.runLoad(t, d, spec)
+			res, e := rig.runLoad(t, d, d.concurrent(n, 3000))
 			if res.Misrouted != 0 {
 				t.Errorf("%d connections got another's destination or reply: %v", res.Misrouted, res.Examples)
 			}

@@ -199,10 +199,9 @@ func (r *Runner) RunCase(ctx context.Context, c Case, b Backend) (rec *Record, e
 	return rec, nil
 }
 
-// dialMeanwhile holds the case's connection open after its request line, makes the
-// Meanwhile connection, then lets the first one finish.
-func (r *Runner) dialMeanwhile(ctx context.Context, c Case, client *standin.Agent, spec standin.DialSpec) (standin.DialResult, *standin.DialResult, error) {
-	spec.Gate = "meanwhile-" + c.Name
+// gatedDial starts the dial, which holds after its request line, and returns once
+// it holds there. finish lets it go on and returns its result; call it in every case.
+func gatedDial(ctx context.Context, client *standin.Agent, spec standin.DialSpec) (finish func() (standin.DialResult, error), err error) {
 	type result struct {
 		res standin.DialResult
 		err error
@@ -212,6 +211,18 @@ func (r *Runner) dialMeanwhile(ctx context.Context, c Case, client *standin.Agen
 		res, err := client.Dial(ctx, spec)
 		done <- result{res, err}
 	}()
+	finish = func() (standin.DialResult, error) {
+		rerr := client.ReleaseGate(context.Background(), spec.Gate)
+		r := <-done
+		return r.res, errors.Join(r.err, rerr)
+	}
+	return finish, client.WaitGate(ctx, spec.Gate)
+}
+
+// dialMeanwhile holds the case's connection open after its request line, makes the
+// Meanwhile connection, then lets the first one finish.
+func (r *Runner) dialMeanwhile(ctx context.Context, c Case, client *standin.Agent, spec standin.DialSpec) (standin.DialResult, *standin.DialResult, error) {
+	spec.Gate = "meanwhile-" + c.Name
 	second := *c.Meanwhile
 	if second.Proto == "" {
 		second.Proto = "tcp"
@@ -219,19 +230,13 @@ func (r *Runner) dialMeanwhile(ctx context.Context, c Case, client *standin.Agen
 	if second.Token == "" {
 		second.Token = c.Name + "-meanwhile"
 	}
-	err := client.WaitGate(ctx, spec.Gate)
+	finish, err := gatedDial(ctx, client, spec)
 	var res standin.DialResult
 	if err == nil {
 		res, err = client.Dial(ctx, second)
 	}
-	if rerr := client.ReleaseGate(context.Background(), spec.Gate); err == nil {
-		err = rerr
-	}
-	first := <-done
-	if err == nil {
-		err = first.err
-	}
-	return first.res, &res, err
+	first, ferr := finish()
+	return first, &res, errors.Join(err, ferr)
 }
 
 // removalSettle is how long the connection waits after the removal returned, so
@@ -243,35 +248,19 @@ const removalSettle = 300 * time.Millisecond
 // which no capture should see any more.
 func (r *Runner) removeWhileOpen(ctx context.Context, c Case, b Backend, pod *topology.Pod, client *standin.Agent, spec standin.DialSpec) (standin.DialResult, *standin.DialResult, error) {
 	spec.Gate = "open-" + c.Name
-	type result struct {
-		res standin.DialResult
-		err error
+	finish, err := gatedDial(ctx, client, spec)
+	if err == nil {
+		// The request line is out; give it the moment it takes to cross the proxy.
+		time.Sleep(100 * time.Millisecond)
+		if err = b.Remove(ctx, r.Run, pod); err != nil {
+			err = fmt.Errorf("%s remove with a connection open: %w", b.Name(), err)
+		} else {
+			time.Sleep(removalSettle)
+		}
 	}
-	done := make(chan result, 1)
-	go func() {
-		res, err := client.Dial(ctx, spec)
-		done <- result{res, err}
-	}()
-	fail := func(err error) (standin.DialResult, *standin.DialResult, error) {
-		_ = client.ReleaseGate(context.Background(), spec.Gate)
-		<-done
+	first, ferr := finish()
+	if err = errors.Join(err, ferr); err != nil {
 		return standin.DialResult{}, nil, err
-	}
-	if err := client.WaitGate(ctx, spec.Gate); err != nil {
-		return fail(err)
-	}
-	// The request line is out; give it the moment it takes to cross the proxy.
-	time.Sleep(100 * time.Millisecond)
-	if err := b.Remove(ctx, r.Run, pod); err != nil {
-		return fail(fmt.Errorf("%s remove with a connection open: %w", b.Name(), err))
-	}
-	time.Sleep(removalSettle)
-	if err := client.ReleaseGate(ctx, spec.Gate); err != nil {
-		return fail(err)
-	}
-	first := <-done
-	if first.err != nil {
-		return standin.DialResult{}, nil, first.err
 	}
 	spec.Gate = ""
 	spec.Token += "-after"
@@ -279,7 +268,7 @@ func (r *Runner) removeWhileOpen(ctx context.Context, c Case, b Backend, pod *to
 	if err != nil {
 		return standin.DialResult{}, nil, err
 	}
-	return first.res, &again, nil
+	return first, &again, nil
 }
 
 // Outcome of one case under both backends.

@@ -164,6 +164,25 @@ func (a *Agent) Call(ctx context.Context, cmd Command) (Response, error) {
 	}
 }
 
+// TB is what MustStart needs of a testing.TB.
+type TB interface {
+	Helper()
+	Fatal(args ...any)
+	Cleanup(func())
+}
+
+// MustStart starts an agent for a test, which fails if it cannot, and closes it
+// when the test ends.
+func MustStart(t TB, ctx context.Context, o StartOptions) *Agent {
+	t.Helper()
+	a, err := Start(ctx, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = a.Close() })
+	return a
+}
+
 // Listen starts a server in the agent and returns its bound address.
 func (a *Agent) Listen(ctx context.Context, spec ListenSpec) (string, error) {
 	r, err := a.Call(ctx, Command{Op: OpListen, Listen: &spec})

@@ -34,12 +34,7 @@ func TestAgentsPlainRouting(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := func(role, ns, cg string) *standin.Agent {
-		a, err := standin.Start(ctx, standin.StartOptions{Role: role, NetNSPath: ns, CgroupDir: cg})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = a.Close() })
-		return a
+		return standin.MustStart(t, ctx, standin.StartOptions{Role: role, NetNSPath: ns, CgroupDir: cg})
 	}
 	app := start(standin.RoleApp, pod.NetNSPath(), pod.PodCgroup)
 	peer := start(standin.RolePeer, pod.PeerNetNSPath(), pod.PeerCgroup)
