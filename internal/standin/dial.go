@@ -45,6 +45,8 @@ func dial(spec DialSpec) DialResult {
 	}
 	defer c.Close()
 	res := DialResult{Local: local, Peer: peer}
+	hold := time.Duration(spec.HoldMS) * time.Millisecond
+	time.Sleep(hold)
 	_ = c.SetDeadline(time.Now().Add(2 * timeout))
 	if spec.Proto == "udp" {
 		exchangeUDP(c, spec, &res)

@@ -83,6 +83,9 @@ type DialSpec struct {
 	Token     string `json:"token"`
 	Size      int    `json:"size,omitempty"`       // payload bytes after the request line (TCP)
 	TimeoutMS int    `json:"timeout_ms,omitempty"` // connect timeout; the exchange gets twice that (default 2000)
+	// HoldMS keeps the connection established and idle this long before the
+	// exchange: a connection that lives across a detach, restart or upgrade.
+	HoldMS int `json:"hold_ms,omitempty"`
 }
 
 // Client outcomes.
