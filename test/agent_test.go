@@ -710,4 +710,3 @@ func TestStatsAndExplainAgree(t *testing.T) {
 		t.Errorf("explain for an unknown pod: %d %s", res.code, res.output)
 	}
 }
-
