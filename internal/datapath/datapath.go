@@ -131,6 +131,9 @@ func LoadReplacing(cfg config.Config, old *Datapath) (*Datapath, error) {
 }
 
 func load(cfg config.Config, old *Datapath) (*Datapath, error) {
+	if err := CheckKernel(); err != nil {
+		return nil, err
+	}
 	spec, err := Spec(cfg)
 	if err != nil {
 		return nil, err
