@@ -301,8 +301,9 @@ func ourLinks(t *testing.T, bpffs string) map[link.ID]ebpf.ProgramID {
 // New programs replace old ones on every attached pod with link updates:
 // connections established before stay up, none made during it fails.
 func TestUpgradeIsSeamless(t *testing.T) {
-	for _, mode := range []string{"tcx", "legacy"} {
-		t.Run(mode, func(t *testing.T) {
+	for _, tc := range []struct{ mode, how string }{{"tcx", "force"}, {"legacy", "force"}, {"tcx", "new-version"}} {
+		mode := tc.mode
+		t.Run(tc.mode+"/"+tc.how, func(t *testing.T) {
 			r := lifecycleRun(t)
 			lp := newLivePod(t, r)
 			if res := runCLI(t, nil, append(attachArgs(r, lp.pod), "--tc-mode", mode)...); res.code != 0 {
@@ -327,7 +328,21 @@ func TestUpgradeIsSeamless(t *testing.T) {
 			stop := make(chan struct{})
 			l := startLoop(lp, stop)
 			time.Sleep(400 * time.Millisecond)
-			if res := runCLI(t, nil, "upgrade", "--force", "--bpffs", r.BPFFS); res.code != 0 {
+			upgrade := []string{"upgrade", "--force", "--bpffs", r.BPFFS}
+			if tc.how == "new-version" {
+				// Pretend the pinned programs are an older build: a plain
+				// upgrade (as any attach would) must then swap them.
+				vm, err := ebpf.LoadPinnedMap(filepath.Join(r.BPFFS, "dp", "map_version"), nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := vm.Put(uint32(0), make([]byte, 32)); err != nil {
+					t.Fatal(err)
+				}
+				vm.Close()
+				upgrade = []string{"upgrade", "--bpffs", r.BPFFS}
+			}
+			if res := runCLI(t, nil, upgrade...); res.code != 0 || !strings.Contains(res.output, "upgraded the programs of every pod") {
 				t.Fatalf("upgrade: %s", res.output)
 			}
 			time.Sleep(400 * time.Millisecond)
