@@ -725,3 +725,56 @@ func TestStatsAndExplainAgree(t *testing.T) {
 		t.Errorf("explain for an unknown pod: %d %s", res.code, res.output)
 	}
 }
+
+// An interface added to the pod after attach is captured by the next
+// reconcile (serve runs it periodically): inbound on it then goes through the
+// proxy, as the reference's rules (which cover every interface) would send it.
+func TestNewInterfaceCapturedByReconcile(t *testing.T) {
+	r := lifecycleRun(t)
+	lp := newLivePod(t, r)
+	if res := runCLI(t, nil, attachArgs(r, lp.pod)...); res.code != 0 {
+		t.Fatalf("attach: %s", res.output)
+	}
+	t.Cleanup(func() { runCLI(t, nil, "detach", "--pod-id", lp.pod.ID, "--bpffs", r.BPFFS) })
+	// A second link between the pod and R, on another subnet.
+	for _, args := range [][]string{
+		{"-n", lp.pod.NetNS, "link", "add", "eth1", "type", "veth", "peer", "name", "eth1", "netns", lp.pod.PeerNetNS},
+		{"-n", lp.pod.NetNS, "addr", "add", "10.78.0.2/24", "dev", "eth1"},
+		{"-n", lp.pod.NetNS, "link", "set", "eth1", "up"},
+		{"-n", lp.pod.PeerNetNS, "addr", "add", "10.78.0.1/24", "dev", "eth1"},
+		{"-n", lp.pod.PeerNetNS, "link", "set", "eth1", "up"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v %s", args, err, out)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	dialNew := func(token string) standin.DialResult {
+		res, err := lp.peer.Dial(ctx, standin.DialSpec{Proto: "tcp", Dst: "10.78.0.2:8080", Token: token})
+		if err != nil || res.Outcome != standin.OutcomeOK {
+			t.Fatalf("dial on the new interface: %v %+v", err, res)
+		}
+		return res
+	}
+	dialNew("before")
+	if _, in := lp.proxied(ctx); in != 0 {
+		t.Fatalf("inbound on an interface added after attach was captured before reconcile (%d): the test is not testing the gap", in)
+	}
+	res := runCLI(t, nil, "reconcile", "--bpffs", r.BPFFS)
+	if res.code != 0 || !strings.Contains(res.output, `"refreshed"`) {
+		t.Fatalf("reconcile did not refresh the pod: %s", res.output)
+	}
+	dialNew("after")
+	if _, in := lp.proxied(ctx); in != 1 {
+		t.Fatalf("after reconcile, inbound on the new interface was not redirected to the proxy (%d relayed)", in)
+	}
+	// And the new address counts as the pod's own for outbound (rule 3).
+	res = runCLI(t, nil, "explain", "--pod-id", lp.pod.ID, "--dst", "10.78.0.2:8080", "--bpffs", r.BPFFS)
+	if !strings.Contains(res.output, "out-local") {
+		t.Fatalf("the new address is not local to explain: %s", res.output)
+	}
+	if list := runCLI(t, nil, "list", "--bpffs", r.BPFFS); !strings.Contains(list.output, "healthy") {
+		t.Fatalf("after refresh: %s", list.output)
+	}
+}

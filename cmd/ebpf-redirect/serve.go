@@ -47,6 +47,6 @@ func serveCmd(g *globals) *cobra.Command {
 		},
 	}
 	c.Flags().StringVar(&addr, "listen", "127.0.0.1:9095", "address for the API, /metrics and /healthz")
-	c.Flags().DurationVar(&every, "prune-every", 30*time.Second, "how often to detach pods whose netns or cgroup is gone")
+	c.Flags().DurationVar(&every, "prune-every", 10*time.Second, "how often to reconcile: detach pods whose netns or cgroup is gone, capture new interfaces and addresses")
 	return c
 }

@@ -9,11 +9,13 @@ import (
 
 // Report says what Reconcile did, by pod id.
 type Report struct {
-	Attached []string          `json:"attached,omitempty"`
-	Repaired []string          `json:"repaired,omitempty"`
-	Detached []string          `json:"detached,omitempty"`
-	Kept     []string          `json:"kept,omitempty"`
-	Failed   map[string]string `json:"failed,omitempty"`
+	Attached []string `json:"attached,omitempty"`
+	Repaired []string `json:"repaired,omitempty"`
+	Detached []string `json:"detached,omitempty"`
+	Kept     []string `json:"kept,omitempty"`
+	// Refreshed pods (kept) had new interfaces or addresses taken in.
+	Refreshed []string          `json:"refreshed,omitempty"`
+	Failed    map[string]string `json:"failed,omitempty"`
 }
 
 // Reconcile makes the attached pods be exactly live: pods not in live are
@@ -56,6 +58,12 @@ func Reconcile(ctx context.Context, o Options, live []Pod) (Report, error) {
 		case live == nil && st.Health == StateHealthy, isLive && st.Health == StateHealthy && samePaths(p, r):
 			rep.Kept = append(rep.Kept, r.ID)
 			delete(want, r.ID)
+			// New interfaces or addresses since attach.
+			if changed, err := refreshLocked(o, s, r); err != nil {
+				rep.Failed[r.ID] = "refresh: " + err.Error()
+			} else if changed {
+				rep.Refreshed = append(rep.Refreshed, r.ID)
+			}
 			continue
 		case isLive:
 			// Broken, half attached, or moved: attach afresh below.
