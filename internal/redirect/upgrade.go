@@ -41,13 +41,15 @@ func (s *store) upgrade(cfg config.Config, log *slog.Logger) error {
 		ns := netns.NsHandle(-1)
 		if h, err := podnet.Open(r.Netns); err == nil {
 			ns = h
-			defer h.Close()
 		}
 		for _, a := range r.TC {
 			if a.Mode == TCLegacy && ns < 0 {
 				continue // netns gone: nothing to update
 			}
 			errs = append(errs, replaceTC(ns, a, tcProg(nd, a.Ingress), dir))
+		}
+		if ns >= 0 {
+			ns.Close()
 		}
 	}
 	proxies, _ := os.ReadDir(filepath.Join(s.root, proxyDir))
