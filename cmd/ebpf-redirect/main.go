@@ -86,7 +86,7 @@ func newRoot() *cobra.Command {
 	root.PersistentFlags().StringVar(&g.root, "bpffs", redirect.DefaultRoot, "directory on a bpffs mount where programs, maps and links are pinned")
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "debug, info, warn or error")
 	configFlags(root.PersistentFlags(), g)
-	root.AddCommand(attachCmd(g), detachCmd(g), listCmd(g), demoCmd())
+	root.AddCommand(attachCmd(g), detachCmd(g), listCmd(g), demoCmd(), benchCmd())
 	return root
 }
 
