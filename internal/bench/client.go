@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ebpf-redirect/ebpf-redirect/internal/standin"
 )
 
 // Kinds of generator runs.
@@ -226,49 +228,16 @@ func dial(sa *unix.SockaddrInet4, timeoutMS int, nodelay bool) (int, error) {
 // on in the background, so wait for it.
 func connect(fd int, sa *unix.SockaddrInet4, timeoutMS int) error {
 	err := unix.Connect(fd, sa)
-	if !errors.Is(err, unix.EINTR) {
-		return err
+	if errors.Is(err, unix.EINTR) {
+		err = standin.WaitConnected(fd, time.Duration(timeoutMS)*time.Millisecond)
 	}
-	for {
-		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
-		n, err := unix.Poll(pfd, timeoutMS)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		if n == 0 {
-			return unix.ETIMEDOUT
-		}
-		soerr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
-		if err != nil {
-			return err
-		}
-		if soerr != 0 {
-			return unix.Errno(soerr)
-		}
-		return nil
-	}
+	return err
 }
 
-func writeAll(fd int, b []byte) error {
+// full repeats a blocking read or write until all of b is done.
+func full(op func(int, []byte) (int, error), fd int, b []byte) error {
 	for len(b) > 0 {
-		n, err := unix.Write(fd, b)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		b = b[n:]
-	}
-	return nil
-}
-
-func readFull(fd int, b []byte) error {
-	for len(b) > 0 {
-		n, err := unix.Read(fd, b)
+		n, err := op(fd, b)
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
@@ -282,6 +251,9 @@ func readFull(fd int, b []byte) error {
 	}
 	return nil
 }
+
+func writeAll(fd int, b []byte) error { return full(unix.Write, fd, b) }
+func readFull(fd int, b []byte) error { return full(unix.Read, fd, b) }
 
 // connLoop: connect, send the header and one request in one write, read the reply,
 // close; again until the deadline.

@@ -55,12 +55,6 @@ func (a *agent) Close() {
 	}
 }
 
-func (a *agent) keep(c io.Closer) {
-	a.mu.Lock()
-	a.closers = append(a.closers, c)
-	a.mu.Unlock()
-}
-
 func (a *agent) Handle(cmd standin.Command) standin.Response {
 	r := standin.Response{ID: cmd.ID}
 	result, err := a.dispatch(cmd)
@@ -79,33 +73,21 @@ func (a *agent) Handle(cmd standin.Command) standin.Response {
 func (a *agent) dispatch(cmd standin.Command) (any, error) {
 	switch cmd.Op {
 	case opServe:
-		var s serveSpec
-		if err := json.Unmarshal(cmd.Args, &s); err != nil {
-			return nil, err
-		}
-		srv, err := startServer(s.Addr, a.log)
-		if err != nil {
-			return nil, err
-		}
-		a.keep(srv)
-		a.mu.Lock()
-		a.servers = append(a.servers, srv)
-		a.mu.Unlock()
-		return nil, nil
+		return nil, startWith(a, cmd.Args, func(s serveSpec) (*server, error) {
+			srv, err := startServer(s.Addr, a.log)
+			if err == nil {
+				a.servers = append(a.servers, srv)
+			}
+			return srv, err
+		})
 	case opProxy:
-		var s proxySpec
-		if err := json.Unmarshal(cmd.Args, &s); err != nil {
-			return nil, err
-		}
-		p, err := startProxy(s, a.log)
-		if err != nil {
-			return nil, err
-		}
-		a.keep(p)
-		a.mu.Lock()
-		a.proxy = p
-		a.mu.Unlock()
-		return nil, nil
+		return nil, startWith(a, cmd.Args, func(s proxySpec) (*proxy, error) {
+			p, err := startProxy(s, a.log)
+			if err == nil {
+				a.proxy = p
+			}
+			return p, err
+		})
 	case opRun:
 		var s RunSpec
 		if err := json.Unmarshal(cmd.Args, &s); err != nil {
@@ -116,6 +98,23 @@ func (a *agent) dispatch(cmd standin.Command) (any, error) {
 		return a.stats(), nil
 	}
 	return nil, fmt.Errorf("bench agent cannot do %q", cmd.Op)
+}
+
+// startWith decodes a spec and starts what it describes, under the agent's lock; the
+// agent closes it when the harness is done.
+func startWith[S any, T io.Closer](a *agent, args json.RawMessage, start func(S) (T, error)) error {
+	var spec S
+	if err := json.Unmarshal(args, &spec); err != nil {
+		return err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	c, err := start(spec)
+	if err != nil {
+		return err
+	}
+	a.closers = append(a.closers, c)
+	return nil
 }
 
 // AgentStats are an agent's counters since it started.

@@ -253,8 +253,8 @@ func evalTargets(ws []*WorkloadResult) []Target {
 				t.Detail = fmt.Sprintf("%.2f× (want %s %.2f×)", r.Median, d.op, d.threshold)
 			} else {
 				t.Status = "missed"
-				t.Detail = fmt.Sprintf("%.2f× (want %s %.2f×): missed by %.1f %%", r.Median, d.op, d.threshold,
-					100*math.Abs(r.Median-d.threshold)/d.threshold)
+				t.Detail = fmt.Sprintf("%.3f× (want %s %.2f×): missed by %.1f %%", r.Median, d.op, d.threshold,
+					math.Max(0.1, 100*math.Abs(r.Median-d.threshold)/d.threshold))
 			}
 			if !t.Clear {
 				t.Detail += fmt.Sprintf("; not clear-cut: the repetitions range over %.2f–%.2f×", r.Min, r.Max)

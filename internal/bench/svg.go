@@ -5,6 +5,7 @@ import (
 	"html"
 	"io"
 	"math"
+	"slices"
 	"strings"
 )
 
@@ -125,22 +126,23 @@ func WriteSVG(out io.Writer, rep *Report) error {
 	fmt.Fprintf(&b, `<text x="%d" y="40" fill="#555">%s</text>`+"\n", 10, html.EscapeString(fmt.Sprintf(
 		"%s, %d repetitions; log scale; bar: median, whisker: range; hollow: spread larger than the difference (no ratio claimed); tick: goal",
 		rep.Meta.Date, rep.Settings.Reps)))
-	// Grid.
-	lastTick := -1e9
-	for _, v := range []float64{0.1, 0.2, 0.25, 0.33, 0.5, 0.67, 0.8, 0.9, 1, 1.1, 1.25, 1.5, 2, 3, 4, 6, 10, 15, 20, 30, 50, 100, 200} {
-		if v < lo || v > hi {
+	// Grid: 1 always, other ticks where they do not crowd one already drawn.
+	drawn := []float64{x(1)}
+	ticks := []float64{1}
+	for _, v := range []float64{0.1, 0.2, 0.25, 0.33, 0.5, 0.67, 0.8, 0.9, 1.1, 1.25, 1.5, 2, 3, 4, 6, 10, 15, 20, 30, 50, 100, 200} {
+		if v < lo || v > hi || slices.ContainsFunc(drawn, func(d float64) bool { return math.Abs(d-x(v)) < 36 }) {
 			continue
 		}
-		xx := x(v)
+		drawn = append(drawn, x(v))
+		ticks = append(ticks, v)
+	}
+	for _, v := range ticks {
 		stroke, w := "#e5e5e5", 1.0
 		if v == 1 {
 			stroke, w = "#333", 1.5
-		} else if xx-lastTick < 36 {
-			continue
 		}
-		lastTick = xx
-		fmt.Fprintf(&b, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" stroke-width="%.1f"/>`+"\n", xx, top-8, xx, top+rowH*len(rows), stroke, w)
-		fmt.Fprintf(&b, `<text x="%.1f" y="%d" text-anchor="middle" fill="#555">%g×</text>`+"\n", xx, top+rowH*len(rows)+16, v)
+		fmt.Fprintf(&b, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" stroke-width="%.1f"/>`+"\n", x(v), top-8, x(v), top+rowH*len(rows), stroke, w)
+		fmt.Fprintf(&b, `<text x="%.1f" y="%d" text-anchor="middle" fill="#555">%g×</text>`+"\n", x(v), top+rowH*len(rows)+16, v)
 	}
 	for i, r := range rows {
 		y0 := top + i*rowH

@@ -253,3 +253,7 @@ func OriginalDst(fd int) (netip.AddrPort, error) {
 	dst, _, err := originalDst(fd)
 	return dst, err
 }
+
+// WaitConnected waits for a connect in progress on fd (see waitConnected), for other
+// harnesses' clients.
+func WaitConnected(fd int, timeout time.Duration) error { return waitConnected(fd, timeout) }
