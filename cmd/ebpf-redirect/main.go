@@ -87,7 +87,7 @@ func newRoot() *cobra.Command {
 	pf.StringVar(&g.tcMode, "tc-mode", "auto", "auto (tcx if the kernel has it), tcx, or legacy (clsact + cls_bpf)")
 	configFlags(pf, g)
 	root.AddCommand(attachCmd(g), detachCmd(g), listCmd(g), reconcileCmd(g), statsCmd(g), explainCmd(g),
-		upgradeCmd(g), serveCmd(g), demoCmd(), scaleCmd())
+		upgradeCmd(g), serveCmd(g), demoCmd(), scaleCmd(), benchCmd())
 	return root
 }
 

@@ -6,6 +6,8 @@
 // JSON lines over stdin/stdout: one Command per line in, one Response per line out.
 package standin
 
+import "encoding/json"
+
 // RoleEnv selects the role of a re-executed binary (see MaybeRunRole).
 const RoleEnv = "EBPF_REDIRECT_ROLE"
 
@@ -41,6 +43,8 @@ type Command struct {
 	Listen *ListenSpec `json:"listen,omitempty"`
 	Proxy  *ProxySpec  `json:"proxy,omitempty"`
 	Dial   *DialSpec   `json:"dial,omitempty"`
+	// Args is the payload of a command of a role registered with RegisterRole.
+	Args json.RawMessage `json:"args,omitempty"`
 }
 
 // Response answers the Command with the same ID. ID 0 with Ready set is the agent's
@@ -53,6 +57,8 @@ type Response struct {
 	Addr   string      `json:"addr,omitempty"` // listen: the bound address
 	Dial   *DialResult `json:"dial,omitempty"`
 	Events *Events     `json:"events,omitempty"`
+	// Result is the payload of an answer of a role registered with RegisterRole.
+	Result json.RawMessage `json:"result,omitempty"`
 }
 
 // ListenSpec starts a server. Proto is "tcp" or "udp"; an IPv4 Addr gives an AF_INET
