@@ -45,12 +45,15 @@ static __always_inline __u64 dev_netns_cookie(struct __sk_buff *ctx)
 struct pkt {
 	struct iphdr ip;
 	struct tcphdr tcp;
-	__u32 l3; /* offset of the IP header */
-	__u32 l4; /* offset of the TCP header */
+	__u32 l3;      /* offset of the IP header */
+	__u32 l4;      /* offset of the TCP header */
+	__u32 payload; /* TCP payload bytes, from the IP total length */
 };
 
-/* 1: an IPv4 TCP packet with its headers in p; 0: not ours; -1: a TCP
- * fragment, whose ports we cannot see (dropped: fail closed). */
+/* 1: an IPv4 TCP packet with its headers in p; 0: not ours; -1: TCP we must
+ * not touch: a fragment, whose ports we cannot see, or headers and lengths
+ * that do not add up (the kernel would drop it; we drop it first: fail
+ * closed). */
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 {
 	if (skb->protocol != bpf_htons(ETH_P_IP))
@@ -67,6 +70,14 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		return -1; /* claims TCP, too short for a header */
 	if (p->tcp.doff < 5)
 		return -1;
+	__u32 avail = skb->len - p->l3;
+	__u32 tot = bpf_ntohs(p->ip.tot_len);
+	if (tot == 0 && skb->gso_size)
+		tot = avail; /* BIG TCP: a GSO packet over 64 KiB has no IP length */
+	__u32 hdrs = p->ip.ihl * 4 + p->tcp.doff * 4;
+	if (tot > avail || tot < hdrs)
+		return -1; /* truncated, or the headers overrun the IP length */
+	p->payload = tot - hdrs;
 	return 1;
 }
 
@@ -93,6 +104,54 @@ static __always_inline int set_port(struct __sk_buff *skb, struct pkt *p, __u32 
 	if (bpf_l4_csum_replace(skb, TCP_CSUM_OFF(p), from, to, sizeof(to)))
 		return -1;
 	return bpf_skb_store_bytes(skb, p->l4 + off_in_tcp, &to, sizeof(to), 0);
+}
+
+/* Close tracking of a redirected inbound connection (see struct in_flow).
+ * Only what the proxy's own TCP stack confirms counts, so that a forged FIN
+ * or reset cannot remove the entry of a live connection: the remote's FIN
+ * counts once the proxy acknowledges exactly its end, and a reset only at
+ * exactly the sequence number the proxy last acknowledged (what the stack
+ * itself accepts, RFC 5961). Both run after the packet was rewritten. */
+static __always_inline void track_in(struct flow_key *k, struct in_flow *f, struct pkt *p)
+{
+	__u32 seq = bpf_ntohl(p->tcp.seq);
+
+	if (p->tcp.rst) {
+		if (f->rcv_known && seq == f->rcv_nxt)
+			bpf_map_delete_elem(&in_flows, k);
+		return;
+	}
+	if (p->tcp.fin) {
+		f->in_fin_end = seq + p->payload + 1;
+		f->in_fin = 1;
+	}
+	if (p->tcp.ack && f->out_fin && bpf_ntohl(p->tcp.ack_seq) == f->out_fin_end) {
+		f->out_fin_acked = 1;
+		if (f->in_fin_acked)
+			bpf_map_delete_elem(&in_flows, k); /* the last ACK of the connection */
+	}
+}
+
+static __always_inline void track_out(struct flow_key *k, struct in_flow *f, struct pkt *p)
+{
+	__u32 ack = bpf_ntohl(p->tcp.ack_seq);
+
+	if (p->tcp.rst) {
+		bpf_map_delete_elem(&in_flows, k); /* our own stack resets it */
+		return;
+	}
+	if (p->tcp.ack) {
+		f->rcv_nxt = ack;
+		f->rcv_known = 1;
+		if (f->in_fin && ack == f->in_fin_end)
+			f->in_fin_acked = 1;
+	}
+	if (p->tcp.fin) {
+		f->out_fin_end = bpf_ntohl(p->tcp.seq) + p->payload + 1;
+		f->out_fin = 1;
+	}
+	if (f->in_fin_acked && f->out_fin_acked)
+		bpf_map_delete_elem(&in_flows, k);
 }
 
 /* nat PREROUTING for a new connection, first match wins. */
@@ -134,6 +193,7 @@ int pod_ingress(struct __sk_buff *skb)
 		    set_port(skb, &p, offsetof(struct tcphdr, dest), p.tcp.dest,
 			     bpf_htons(cfg.inbound_port)))
 			return TCX_DROP;
+		track_in(&k, f, &p);
 		return TCX_NEXT;
 	}
 
@@ -234,6 +294,7 @@ int pod_egress(struct __sk_buff *skb)
 			    set_port(skb, &p, offsetof(struct tcphdr, source), p.tcp.source,
 				     bpf_htons(f->orig_port)))
 				return TCX_DROP;
+			track_out(&k, f, &p);
 			return TCX_NEXT;
 		}
 	}

@@ -4,22 +4,25 @@
 #include "redirect.h"
 
 /* Rule 3, "-o lo": the destination is the namespace's own (127/8 or an address
- * of one of its interfaces). */
-static __always_inline int routed_via_lo(__u64 netns, __u32 dst)
+ * of one of its interfaces), or the socket is bound to lo (SO_BINDTODEVICE),
+ * which routes every destination out through lo. */
+static __always_inline int routed_via_lo(__u64 netns, __u32 dst, __u32 bound_dev_if)
 {
 	struct local_key k = { .netns = netns, .addr = dst };
 
-	return IS_LOOPBACK_NET(dst) || bpf_map_lookup_elem(&local_addrs, &k) != NULL;
+	return bound_dev_if == LOOPBACK_IFINDEX || IS_LOOPBACK_NET(dst) ||
+	       bpf_map_lookup_elem(&local_addrs, &k) != NULL;
 }
 
 /* The rules in their order; first match wins. */
-static __always_inline enum rule outbound_rule(__u64 netns, __u32 dst, __u32 mark)
+static __always_inline enum rule outbound_rule(__u64 netns, __u32 dst, __u32 mark,
+					       __u32 bound_dev_if)
 {
 	if (dst == cfg.probe_addr)
 		return RULE_OUT_PROBE;
 	if (has_mark(mark, cfg.conn_mark))
 		return RULE_OUT_CONNMARK;
-	if (dst != LOCALHOST && routed_via_lo(netns, dst))
+	if (dst != LOCALHOST && routed_via_lo(netns, dst, bound_dev_if))
 		return RULE_OUT_LOCAL;
 	if (dst != LOCALHOST && !has_mark(mark, cfg.proxy_mark))
 		return RULE_OUT_REDIRECT;
@@ -48,7 +51,7 @@ static __always_inline enum rule outbound(struct bpf_sock_addr *ctx, __u32 dst, 
 	}
 
 	/* connect(0.0.0.0) is routed as 127.0.0.1, which is what netfilter sees. */
-	rule = outbound_rule(netns, dst ? dst : LOCALHOST, sk->mark);
+	rule = outbound_rule(netns, dst ? dst : LOCALHOST, sk->mark, sk->bound_dev_if);
 	if (rule != RULE_OUT_REDIRECT) {
 		/* A socket reused for a second connect must not keep a stale
 		 * original destination. */
@@ -64,6 +67,17 @@ static __always_inline enum rule outbound(struct bpf_sock_addr *ctx, __u32 dst, 
 	}
 	o->ip = dst;
 	o->port = bpf_ntohs(port_be);
+
+	/* An MPTCP socket connects through its first subflow: this hook runs
+	 * for the subflow (whose storage sockops reads), while the application
+	 * asks getpeername of the MPTCP socket. Give that one the original
+	 * destination too. */
+	struct mptcp_sock *msk = bpf_skc_to_mptcp_sock(sk);
+	if (msk) {
+		struct orig_dst *mo = bpf_sk_storage_get(&sk_orig, msk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (mo)
+			*mo = *o;
+	}
 
 	/* REDIRECT keeps the source the route to the original destination would
 	 * have picked (the pod's address); a plain rewrite to 127.0.0.1 would make

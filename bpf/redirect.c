@@ -3,6 +3,7 @@
  * once per node. Each hook lives in its own file. */
 #include "outbound.c"
 #include "inbound.c"
+#include "ifguard.c"
 #include "origdst.c"
 
 char __license[] SEC("license") = "Dual BSD/GPL";

@@ -134,13 +134,23 @@ struct {
 } out_flows SEC(".maps");
 
 /* Inbound: the remote ip:port of a redirected connection -> what it was sent
- * to and what it was rewritten to. */
+ * to and what it was rewritten to, and how far the connection has closed: the
+ * entry is removed once both FINs are acknowledged (or on a reset), so the map
+ * holds live connections only. Each close-tracking byte has one writer, the
+ * ingress or the egress program; sequence numbers are host order. */
 struct in_flow {
 	__u32 orig_ip;  /* network order */
 	__u32 new_ip;   /* network order: the interface's primary address */
 	__u16 orig_port;
-	__u16 _pad;
-	__u32 _pad2;
+	__u8 in_fin;        /* ingress: the remote sent its FIN (ending at in_fin_end) */
+	__u8 out_fin_acked; /* ingress: the remote acknowledged the proxy's FIN */
+	__u8 out_fin;       /* egress: the proxy sent its FIN (ending at out_fin_end) */
+	__u8 in_fin_acked;  /* egress: the proxy acknowledged the remote's FIN */
+	__u8 rcv_known;     /* egress: rcv_nxt is set */
+	__u8 _pad;
+	__u32 in_fin_end;
+	__u32 out_fin_end;
+	__u32 rcv_nxt;      /* egress: the last acknowledgement the proxy sent */
 };
 
 struct {
@@ -184,6 +194,10 @@ static __always_inline int has_mark(__u32 mark, __u32 want)
 
 #define LOCALHOST bpf_htonl(0x7f000001)
 #define IS_LOOPBACK_NET(a) ((bpf_ntohl(a) >> 24) == 127)
+
+/* TCP flags in byte 13 of the header. */
+#define TCP_FLAG_SYN_BYTE 0x02
+#define TCP_FLAG_ACK_BYTE 0x10
 
 /* The loopback device is always ifindex 1 in every network namespace. */
 #define LOOPBACK_IFINDEX 1

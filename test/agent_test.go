@@ -631,7 +631,7 @@ func TestConcurrentAttachDetach(t *testing.T) {
 		st := inspectPod(t, r, p)
 		switch {
 		case strings.Contains(list.output, p.ID):
-			if !strings.Contains(list.output, "healthy") || len(st.pins) != 5+2 || st.ruleCount != 1 {
+			if !strings.Contains(list.output, "healthy") || len(st.pins) != 6+2 || st.ruleCount != 1 {
 				t.Fatalf("round %d: attached but not whole: %s %+v", round, list.output, st)
 			}
 		default:
@@ -726,9 +726,10 @@ func TestStatsAndExplainAgree(t *testing.T) {
 	}
 }
 
-// An interface added to the pod after attach is captured by the next
-// reconcile (serve runs it periodically): inbound on it then goes through the
-// proxy, as the reference's rules (which cover every interface) would send it.
+// An interface added to the pod after attach is refused inbound until the next
+// reconcile (serve runs it periodically) captures it: inbound on it then goes
+// through the proxy, as the reference's rules (which cover every interface)
+// would send it.
 func TestNewInterfaceCapturedByReconcile(t *testing.T) {
 	r := lifecycleRun(t)
 	lp := newLivePod(t, r)
@@ -757,9 +758,15 @@ func TestNewInterfaceCapturedByReconcile(t *testing.T) {
 		}
 		return res
 	}
-	dialNew("before")
+	// Before reconcile the new interface has no tc programs: the pod's
+	// cgroup_skb guard refuses the connection (fail closed) rather than let it
+	// reach the application around the proxy.
+	before, err := lp.peer.Dial(ctx, standin.DialSpec{Proto: "tcp", Dst: "10.78.0.2:8080", Token: "before", TimeoutMS: 500})
+	if err != nil || before.Outcome == standin.OutcomeOK {
+		t.Fatalf("inbound on an interface added after attach got through before reconcile: %v %+v", err, before)
+	}
 	if _, in := lp.proxied(ctx); in != 0 {
-		t.Fatalf("inbound on an interface added after attach was captured before reconcile (%d): the test is not testing the gap", in)
+		t.Fatalf("captured before reconcile (%d relayed): the test is not testing the gap", in)
 	}
 	res := runCLI(t, nil, "reconcile", "--bpffs", r.BPFFS)
 	if res.code != 0 || !strings.Contains(res.output, `"refreshed"`) {

@@ -26,9 +26,12 @@ func main() {
 	// proxy and applications.
 	standin.MaybeRunRole()
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// SIGINT/SIGTERM cancel the context (attach unwinds). The handler stays until
+	// the process exits: restoring the default one first would let a signal that
+	// lands after the work is done kill the process, turning a finished attach
+	// into a failed exit.
+	ctx, _ := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := newRoot().ExecuteContext(ctx)
-	stop()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "ebpf-redirect:", err)
 		os.Exit(1)

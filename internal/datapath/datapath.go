@@ -118,19 +118,30 @@ func Spec(cfg config.Config) (*ebpf.CollectionSpec, error) {
 }
 
 // Load loads the programs into the kernel, unpinned. A verifier rejection is
-// returned with the verifier's full log.
+// returned with the verifier's full log. Map sizes are the compiled ones,
+// unless MapSizesEnv overrides some (tests shrink maps through the CLI so).
 func Load(cfg config.Config) (*Datapath, error) {
-	return load(cfg, nil)
+	sizes, err := ParseMapSizes(os.Getenv(MapSizesEnv))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", MapSizesEnv, err)
+	}
+	return load(cfg, sizes, nil)
+}
+
+// LoadWithSizes is Load with the capacity of some maps changed (map name to
+// max entries), to test what happens when a map is full.
+func LoadWithSizes(cfg config.Config, sizes MapSizes) (*Datapath, error) {
+	return load(cfg, sizes, nil)
 }
 
 // LoadReplacing loads the embedded programs on top of old's maps, so that an
 // upgrade keeps every pod's state (flows, counters, addresses). It fails if
 // the new programs' maps are not compatible with the pinned ones.
 func LoadReplacing(cfg config.Config, old *Datapath) (*Datapath, error) {
-	return load(cfg, old)
+	return load(cfg, nil, old)
 }
 
-func load(cfg config.Config, old *Datapath) (*Datapath, error) {
+func load(cfg config.Config, sizes MapSizes, old *Datapath) (*Datapath, error) {
 	if err := CheckKernel(); err != nil {
 		return nil, err
 	}
@@ -138,12 +149,16 @@ func load(cfg config.Config, old *Datapath) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := sizes.apply(spec); err != nil {
+		return nil, err
+	}
 	var opts ebpf.CollectionOptions
 	if old != nil {
 		_, maps := old.objects()
 		opts.MapReplacements = map[string]*ebpf.Map{}
 		for name, m := range maps {
-			if _, ok := spec.Maps[name]; ok && m != nil {
+			if ms, ok := spec.Maps[name]; ok && m != nil {
+				ms.MaxEntries = m.MaxEntries() // as loaded, even if resized
 				opts.MapReplacements[name] = m
 			}
 		}
@@ -182,6 +197,7 @@ func (d *Datapath) objects() (map[string]*ebpf.Program, map[string]*ebpf.Map) {
 			redirectProgPodSockops:      d.PodSockops,
 			redirectProgPodIngress:      d.PodIngress,
 			redirectProgPodEgress:       d.PodEgress,
+			redirectProgPodSockIngress:  d.PodSockIngress,
 			redirectProgProxyGetsockopt: d.ProxyGetsockopt,
 		}, map[string]*ebpf.Map{
 			redirectMapPods:       d.Pods,
@@ -297,6 +313,7 @@ func LoadPinned(dir string, cfg *config.Config) (*Datapath, error) {
 	out.PodConnect4, out.PodGetpeername4, out.PodSockops = progs[redirectProgPodConnect4], progs[redirectProgPodGetpeername4], progs[redirectProgPodSockops]
 	out.PodConnect6, out.PodGetpeername6 = progs[redirectProgPodConnect6], progs[redirectProgPodGetpeername6]
 	out.PodIngress, out.PodEgress, out.ProxyGetsockopt = progs[redirectProgPodIngress], progs[redirectProgPodEgress], progs[redirectProgProxyGetsockopt]
+	out.PodSockIngress = progs[redirectProgPodSockIngress]
 	out.Pods, out.LocalAddrs, out.Ifaces = maps[redirectMapPods], maps[redirectMapLocalAddrs], maps[redirectMapIfaces]
 	out.SkOrig, out.OutFlows, out.InFlows, out.Counters = maps[redirectMapSkOrig], maps[redirectMapOutFlows], maps[redirectMapInFlows], maps[redirectMapCounters]
 	out.Rodata, out.VersionMap = maps["rodata"], maps["version"]

@@ -27,7 +27,7 @@ var (
 	localhost = netip.MustParseAddr("127.0.0.1")
 )
 
-func requireBPF(t *testing.T) {
+func requireBPF(t testing.TB) {
 	t.Helper()
 	privtest.Require(t)
 }
@@ -36,7 +36,7 @@ func be32(a netip.Addr) uint32 { b := a.As4(); return binary.NativeEndian.Uint32
 
 // hostCookie is the cookie of the test's own network namespace, which is
 // where BPF_PROG_TEST_RUN puts its packets (on lo, ifindex 1).
-func hostCookie(t *testing.T) uint64 {
+func hostCookie(t testing.TB) uint64 {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -77,6 +77,11 @@ type tcpPacket struct {
 	fragOff          uint16 // raw frag_off field (flags + offset)
 	proto            uint8  // 0: TCP
 	truncateTCPAfter int    // if > 0, cut the TCP header to this many bytes
+	rst              bool
+	seq, ackSeq      uint32 // 0: 1000 and 0
+	payload          []byte // nil: "hello"
+	totLenDelta      int    // added to the IP total length after it is computed
+	trailer          []byte // bytes after the IP packet (link-layer padding)
 }
 
 func (p tcpPacket) bytes() []byte {
@@ -88,7 +93,12 @@ func (p tcpPacket) bytes() []byte {
 	tcp := make([]byte, 20)
 	binary.BigEndian.PutUint16(tcp[0:], p.sport)
 	binary.BigEndian.PutUint16(tcp[2:], p.dport)
-	binary.BigEndian.PutUint32(tcp[4:], 1000)
+	seq := p.seq
+	if seq == 0 {
+		seq = 1000
+	}
+	binary.BigEndian.PutUint32(tcp[4:], seq)
+	binary.BigEndian.PutUint32(tcp[8:], p.ackSeq)
 	tcp[12] = 5 << 4
 	var flags byte
 	if p.fin {
@@ -97,12 +107,18 @@ func (p tcpPacket) bytes() []byte {
 	if p.syn {
 		flags |= 0x02
 	}
+	if p.rst {
+		flags |= 0x04
+	}
 	if p.ack {
 		flags |= 0x10
 	}
 	tcp[13] = flags
 	binary.BigEndian.PutUint16(tcp[14:], 65535)
 	payload := []byte("hello")
+	if p.payload != nil {
+		payload = p.payload
+	}
 	proto := p.proto
 	if proto == 0 {
 		proto = unix.IPPROTO_TCP
@@ -113,7 +129,7 @@ func (p tcpPacket) bytes() []byte {
 	}
 	ip := make([]byte, ihl*4)
 	ip[0] = 0x40 | byte(ihl)
-	binary.BigEndian.PutUint16(ip[2:], uint16(len(ip)+len(l4)))
+	binary.BigEndian.PutUint16(ip[2:], uint16(len(ip)+len(l4)+p.totLenDelta))
 	binary.BigEndian.PutUint16(ip[6:], p.fragOff)
 	ip[8] = 64
 	ip[9] = proto
@@ -125,7 +141,7 @@ func (p tcpPacket) bytes() []byte {
 	if proto == unix.IPPROTO_TCP && p.truncateTCPAfter == 0 {
 		binary.BigEndian.PutUint16(l4[16:], tcpCsum(ip, l4))
 	}
-	return append(append(eth, ip...), l4...)
+	return append(append(append(eth, ip...), l4...), p.trailer...)
 }
 
 func csum(b []byte) uint16 {

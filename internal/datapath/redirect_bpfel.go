@@ -54,12 +54,19 @@ type redirectIfaceKey struct {
 }
 
 type redirectInFlow struct {
-	_        structs.HostLayout
-	OrigIp   uint32
-	NewIp    uint32
-	OrigPort uint16
-	Pad      uint16
-	Pad2     uint32
+	_           structs.HostLayout
+	OrigIp      uint32
+	NewIp       uint32
+	OrigPort    uint16
+	InFin       uint8
+	OutFinAcked uint8
+	OutFin      uint8
+	InFinAcked  uint8
+	RcvKnown    uint8
+	Pad         uint8
+	InFinEnd    uint32
+	OutFinEnd   uint32
+	RcvNxt      uint32
 }
 
 type redirectLocalKey struct {
@@ -116,6 +123,7 @@ const (
 	redirectProgPodGetpeername4 = "pod_getpeername4"
 	redirectProgPodGetpeername6 = "pod_getpeername6"
 	redirectProgPodIngress      = "pod_ingress"
+	redirectProgPodSockIngress  = "pod_sock_ingress"
 	redirectProgPodSockops      = "pod_sockops"
 	redirectProgProxyGetsockopt = "proxy_getsockopt"
 	redirectVarCfg              = "cfg"
@@ -169,6 +177,7 @@ type redirectProgramSpecs struct {
 	PodGetpeername4 *ebpf.ProgramSpec `ebpf:"pod_getpeername4"`
 	PodGetpeername6 *ebpf.ProgramSpec `ebpf:"pod_getpeername6"`
 	PodIngress      *ebpf.ProgramSpec `ebpf:"pod_ingress"`
+	PodSockIngress  *ebpf.ProgramSpec `ebpf:"pod_sock_ingress"`
 	PodSockops      *ebpf.ProgramSpec `ebpf:"pod_sockops"`
 	ProxyGetsockopt *ebpf.ProgramSpec `ebpf:"proxy_getsockopt"`
 }
@@ -251,6 +260,7 @@ type redirectPrograms struct {
 	PodGetpeername4 *ebpf.Program `ebpf:"pod_getpeername4"`
 	PodGetpeername6 *ebpf.Program `ebpf:"pod_getpeername6"`
 	PodIngress      *ebpf.Program `ebpf:"pod_ingress"`
+	PodSockIngress  *ebpf.Program `ebpf:"pod_sock_ingress"`
 	PodSockops      *ebpf.Program `ebpf:"pod_sockops"`
 	ProxyGetsockopt *ebpf.Program `ebpf:"proxy_getsockopt"`
 }
@@ -263,6 +273,7 @@ func (p *redirectPrograms) Close() error {
 		p.PodGetpeername4,
 		p.PodGetpeername6,
 		p.PodIngress,
+		p.PodSockIngress,
 		p.PodSockops,
 		p.ProxyGetsockopt,
 	)

@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/ebpf-redirect/ebpf-redirect/internal/reference"
@@ -66,8 +67,46 @@ func (b *Iptables) Apply(ctx context.Context, _ *topology.Run, pod *topology.Pod
 	return runIn(ctx, b.Routes, "ip", "netns", "exec", pod.NetNS, "sh", "-s")
 }
 
-// Remove does nothing: the rules and routes die with the pod's netns.
-func (b *Iptables) Remove(context.Context, *topology.Run, *topology.Pod) error { return nil }
+// Remove takes the reference out of the pod's netns as a node agent un-enrolling the
+// pod does: every rule the ruleset appended is deleted one by one, then its own
+// chains; the built-in chains stay. Each "ip rule add"/"ip route add" of the routes
+// script becomes a "del". Established connections keep their conntrack entries and so
+// their NAT. (Flushing whole tables instead was seen, with iptables-nft, to stop the
+// translation of established connections: their next segments went to the original
+// destination untranslated.) Removing twice is harmless.
+func (b *Iptables) Remove(ctx context.Context, _ *topology.Run, pod *topology.Pod) error {
+	if _, err := os.Stat(pod.NetNSPath()); err != nil {
+		return nil // the netns is gone, and the rules with it
+	}
+	var undo strings.Builder
+	table := ""
+	var chains []string
+	for _, line := range strings.Split(string(b.Rules), "\n") {
+		line = strings.TrimSpace(line)
+		switch {
+		case strings.HasPrefix(line, "*"):
+			table = line[1:]
+		case strings.HasPrefix(line, ":") && strings.Contains(line, " - "):
+			chains = append(chains, fmt.Sprintf("-t %s -X %s", table, strings.Fields(line[1:])[0]))
+		case strings.HasPrefix(line, "-A "):
+			// Best effort: already removed is fine.
+			fmt.Fprintf(&undo, "iptables -w -t %s -D %s 2>/dev/null || true\n", table, line[3:])
+		}
+	}
+	for _, c := range chains {
+		fmt.Fprintf(&undo, "iptables -w %s 2>/dev/null || true\n", c)
+	}
+	for _, line := range strings.Split(string(b.Routes), "\n") {
+		line = strings.TrimSpace(line)
+		for _, obj := range []string{"ip rule add ", "ip route add "} {
+			if rest, ok := strings.CutPrefix(line, obj); ok {
+				// Best effort: already removed is fine.
+				fmt.Fprintf(&undo, "%s %s 2>/dev/null || true\n", strings.Replace(obj, " add ", " del", 1), rest)
+			}
+		}
+	}
+	return runIn(ctx, []byte(undo.String()), "ip", "netns", "exec", pod.NetNS, "sh", "-s")
+}
 
 // Ebpf runs the ebpf-redirect CLI: `attach` before the case, `detach` after it.
 type Ebpf struct {

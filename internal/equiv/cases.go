@@ -1,8 +1,11 @@
 package equiv
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ebpf-redirect/ebpf-redirect/internal/standin"
 )
@@ -12,6 +15,14 @@ const (
 	ClientApp   = standin.RoleApp   // inside the pod's cgroup
 	ClientPeer  = standin.RolePeer  // R, outside the pod
 	ClientProxy = standin.RoleProxy // the proxy itself, in its own cgroup
+	// An application started in the pod's netns outside the pod's cgroup and
+	// moved into the pod's cgroup once the backend is applied.
+	ClientMovedApp = "moved-app"
+	// The same, moved into a child cgroup of the pod's cgroup made after attach.
+	ClientSubCgroupApp = "subcgroup-app"
+	// A process in the pod's netns that stays outside the pod's cgroup (and
+	// outside the proxy's): what `nsenter --net` into the pod gives.
+	ClientNetnsApp = "netns-app"
 )
 
 // Case is one traffic scenario.
@@ -28,6 +39,49 @@ type Case struct {
 	// Expect is where the connection lands under the reference (see Record.Landing);
 	// checking it under iptables proves the case exercises what it claims.
 	Expect string
+
+	// AttachLate starts the agents and their listeners before the backend is
+	// applied (by default it is applied first): the client predates the capture.
+	AttachLate bool
+	// AddInterface gives the pod a second link (eth1, 10.78.0.2, R at 10.78.0.1)
+	// after the backend is applied, as a CNI adding a network would.
+	AddInterface bool
+	// RemoveWhileOpen removes the backend while the connection is open (after its
+	// request line), lets it finish, then makes the same connection again.
+	RemoveWhileOpen bool
+	// Wire records the connection attempts (SYNs) crossing the pod's lo and R's
+	// eth0: the evidence for a case in which no party accepts anything.
+	Wire bool
+	// Requires names a kernel facility the case needs ("io_uring", "mptcp"); where
+	// it is missing the case is skipped with the reason (see Unavailable).
+	Requires string
+	// KnownDifference, when set, is why ebpf-redirect legitimately differs from the
+	// reference here; EbpfExpect is then where the connection lands under
+	// ebpf-redirect, which the suite checks instead of equality.
+	KnownDifference string
+	EbpfExpect      string
+}
+
+// Unavailable says why the case cannot run on this machine, or "".
+func (c Case) Unavailable() string {
+	switch c.Requires {
+	case "":
+		return ""
+	case "io_uring":
+		if err := standin.IOUringAvailable(); err != nil {
+			return err.Error()
+		}
+		return ""
+	case "mptcp":
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_MPTCP)
+		if err != nil {
+			return fmt.Sprintf("MPTCP unavailable: socket(IPPROTO_MPTCP): %v", err)
+		}
+		unix.Close(fd)
+		return ""
+	default:
+		return fmt.Sprintf("unknown requirement %q", c.Requires)
+	}
 }
 
 // FixedPorts are the ports that mean something in the case: the proxy's, every
@@ -144,6 +198,55 @@ func Cases() []Case {
 			standin.DialSpec{Dst: "10.77.0.1:80", Src: "10.77.0.3:0"}, viaProxyToPeer80),
 		outbound("out-v4-mapped-ipv6-socket", "an AF_INET6 socket connecting to ::ffff:10.77.0.1 is redirected too",
 			standin.DialSpec{Dst: "[::ffff:10.77.0.1]:80"}, viaProxyToPeer80),
+
+		// Bypass attempts: other ways for an unprivileged application to connect.
+		outbound("out-nonblocking-connect", "a non-blocking connect() polled to completion (how every case dials by default) is redirected",
+			standin.DialSpec{Dst: "10.77.0.1:8080", Method: standin.MethodNonblocking}, "proxy:15001>peer:8080"),
+		outbound("out-blocking-connect", "a blocking connect() is redirected",
+			standin.DialSpec{Dst: "10.77.0.1:80", Method: standin.MethodBlocking}, viaProxyToPeer80),
+		outbound("out-tfo-sendto", "TCP Fast Open: sendto(MSG_FASTOPEN) with the request, no connect() call: redirected",
+			standin.DialSpec{Dst: "10.77.0.1:80", Method: standin.MethodTFOSendto}, viaProxyToPeer80),
+		outbound("out-tfo-connect", "TCP Fast Open: TCP_FASTOPEN_CONNECT, connect() returns before the SYN, the first write sends it: redirected",
+			standin.DialSpec{Dst: "10.77.0.1:80", Method: standin.MethodTFOConnect}, viaProxyToPeer80),
+		{Name: "out-io-uring-connect", Description: "IORING_OP_CONNECT, no connect(2) call: redirected",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientApp, Requires: "io_uring",
+			Dial: standin.DialSpec{Dst: "10.77.0.1:80", Method: standin.MethodIOUring}, Expect: viaProxyToPeer80},
+		{Name: "out-io-uring-v4-mapped", Description: "IORING_OP_CONNECT on an AF_INET6 socket to ::ffff:10.77.0.1: redirected",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientApp, Requires: "io_uring",
+			Dial: standin.DialSpec{Dst: "[::ffff:10.77.0.1]:80", Method: standin.MethodIOUring}, Expect: viaProxyToPeer80},
+		{Name: "out-mptcp", Description: "an MPTCP socket (IPPROTO_MPTCP) is redirected; the proxy, not MPTCP-capable, gets plain TCP",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientApp, Requires: "mptcp",
+			Dial: standin.DialSpec{Dst: "10.77.0.1:80", MPTCP: true}, Expect: viaProxyToPeer80},
+		{Name: "out-bindtodevice-eth0", Description: "SO_BINDTODEVICE to the pod's interface: redirected, but the redirected SYN (to 127.0.0.1:15001) must leave through eth0 and R drops it; nothing reaches R:80",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientApp, Wire: true,
+			Dial: standin.DialSpec{Dst: "10.77.0.1:80", Device: "eth0", TimeoutMS: 1000}, Expect: "timeout"},
+		{Name: "out-bindtodevice-lo", Description: "SO_BINDTODEVICE to lo: routed through lo, so not redirected (rule 3); the SYN to R loops back and is dropped",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientApp, Wire: true,
+			Dial: standin.DialSpec{Dst: "10.77.0.1:80", Device: "lo", TimeoutMS: 1000}, Expect: "timeout"},
+		outbound("out-bindtodevice-eth0-own-address", "SO_BINDTODEVICE to eth0, then connect to the pod's own address: local, not redirected",
+			standin.DialSpec{Dst: "10.77.0.2:8080", Device: "eth0"}, "app:8080"),
+		{Name: "out-started-before-attach", Description: "the app process (and its listeners) existed before the capture was applied: its new connection is redirected",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientApp, AttachLate: true,
+			Dial: standin.DialSpec{Dst: "10.77.0.1:80"}, Expect: viaProxyToPeer80},
+		{Name: "out-new-thread", Description: "from an OS thread created after the capture was applied, in a process that predates it: redirected",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientApp, AttachLate: true,
+			Dial: standin.DialSpec{Dst: "10.77.0.1:80", From: standin.FromThread}, Expect: viaProxyToPeer80},
+		{Name: "out-forked-child", Description: "from a child process forked after the capture was applied: redirected",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientApp, AttachLate: true,
+			Dial: standin.DialSpec{Dst: "10.77.0.1:80", From: standin.FromChild}, Expect: viaProxyToPeer80},
+		{Name: "out-moved-into-pod-cgroup", Description: "a process of the pod's netns moved into the pod's cgroup after attach: redirected",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientMovedApp,
+			Dial: standin.DialSpec{Dst: "10.77.0.1:80"}, Expect: viaProxyToPeer80},
+		{Name: "out-moved-into-pod-subcgroup", Description: "a process moved into a child cgroup of the pod's, made after attach: redirected (cgroup programs apply to descendants)",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientSubCgroupApp,
+			Dial: standin.DialSpec{Dst: "10.77.0.1:80"}, Expect: viaProxyToPeer80},
+		{Name: "out-netns-outside-cgroup", Description: "a process in the pod's netns but outside the pod's cgroup (nsenter --net)",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientNetnsApp,
+			Dial: standin.DialSpec{Dst: "10.77.0.1:80"}, Expect: viaProxyToPeer80,
+			KnownDifference: "capture follows the pod's cgroup, not its netns: a process that entered the netns from outside (needs CAP_SYS_ADMIN on the node) is not the pod's application and is not captured outbound",
+			EbpfExpect:      "peer:80"},
+		outbound("out-pod-ip-15006", "P→its own address:15006 (routed through lo: not redirected) reaches the inbound listener, which refuses the self call",
+			standin.DialSpec{Dst: "10.77.0.2:15006"}, "proxy:15006>self-call-refused"),
 		{Name: "out-peer-port-15008", Description: "P→R:15008 is redirected (the 15008 exemption is inbound only)",
 			Proxy: allListeners, App: appServers, Peer: append(slices.Clone(peerServers), tcp("0.0.0.0:15008")),
 			Client: ClientApp, Dial: standin.DialSpec{Dst: "10.77.0.1:15008"}, Expect: "proxy:15001>peer:15008"},
@@ -193,6 +296,21 @@ func Cases() []Case {
 		{Name: "in-dual-stack-app", Description: "the app listens on [::]:8080 (dual-stack): it sees R as ::ffff:10.77.0.1",
 			Proxy: allListeners, App: []standin.ListenSpec{tcp("[::]:8080")}, Peer: peerServers,
 			Client: ClientPeer, Dial: standin.DialSpec{Dst: "10.77.0.2:8080"}, Expect: viaProxyToApp},
+		inbound("in-pod-ip-15006", "R→P:15006 is redirected to 15006 itself; the proxy refuses the self call",
+			standin.DialSpec{Dst: "10.77.0.2:15006"}, "proxy:15006>self-call-refused"),
+		inbound("in-pod-ip-15001", "R→P:15001 is redirected to 15006; the proxy refuses the self call",
+			standin.DialSpec{Dst: "10.77.0.2:15001"}, "proxy:15006>self-call-refused"),
+		{Name: "in-second-interface-after-attach", Description: "R→P's address on a link added after attach (eth1, 10.78.0.2:8080)",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientPeer, AddInterface: true,
+			Dial: standin.DialSpec{Dst: "10.78.0.2:8080", TimeoutMS: 1000}, Expect: viaProxyToApp,
+			KnownDifference: "the tc programs are on the links present at attach; a new connection arriving on a later link is refused (dropped: the client times out) by the pod cgroup's ingress guard instead of being redirected; re-attach to capture the new link",
+			EbpfExpect:      "timeout"},
+		{Name: "in-second-interface-hbone", Description: "R→P:15008 on a link added after attach reaches the HBONE listener directly",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientPeer, AddInterface: true,
+			Dial: standin.DialSpec{Dst: "10.78.0.2:15008"}, Expect: "proxy:15008"},
+		{Name: "in-detach-while-open", Description: "the capture is removed while a redirected inbound connection is open: it breaks (its rewrite, or the route of the app's replies, is gone) and R sees a reset; the next connection reaches the app directly",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientPeer, RemoveWhileOpen: true,
+			Dial: standin.DialSpec{Dst: "10.77.0.2:8080", Size: 1000}, Expect: "app:8080"},
 	}
 	return cs
 }

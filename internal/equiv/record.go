@@ -17,6 +17,15 @@ type Record struct {
 	Case    string
 	Backend string
 	Client  standin.DialResult
+	// After is a second connection, made after the backend was removed (cases
+	// with RemoveWhileOpen).
+	After *standin.DialResult
+	// StillOpen counts, by party, connections still open when the record was
+	// taken (cases with RemoveWhileOpen, whose broken connections wait for
+	// their time-outs).
+	StillOpen map[string]int
+	// Wire are the connection attempts sniffed on the wire (cases with Wire).
+	Wire    []string
 	Proxy   []standin.ProxyEvent
 	Servers []standin.ServerEvent
 	// Fixed are the case's meaningful ports; all others are normalized (see Lines).
@@ -69,12 +78,13 @@ func sameEndpoint(a, b string) bool {
 	return err1 == nil && err2 == nil && x.Addr().Unmap() == y.Addr().Unmap() && x.Port() == y.Port()
 }
 
-// Trivial reports a record that proves nothing: nobody accepted and nothing refused.
-// A refusal is the peer's (ECONNREFUSED, ICMP port unreachable) or the kernel's own
-// immediate verdict (ENETUNREACH/EHOSTUNREACH); silence (a time-out) is not.
+// Trivial reports a record that proves nothing: nobody accepted, nothing refused and
+// nothing was seen on the wire. A refusal is the peer's (ECONNREFUSED, ICMP port
+// unreachable) or the kernel's own immediate verdict (ENETUNREACH/EHOSTUNREACH);
+// silence (a time-out) is not, unless a sniffer saw where the attempt went.
 func (r *Record) Trivial() error {
 	refusal := r.Client.Outcome == standin.OutcomeRefused || r.Client.Outcome == standin.OutcomeUnreach
-	if len(r.Proxy) == 0 && len(r.Servers) == 0 && !refusal {
+	if len(r.Proxy) == 0 && len(r.Servers) == 0 && len(r.Wire) == 0 && !refusal {
 		return fmt.Errorf("trivial record: no party accepted and the client was not refused (client %s %s)",
 			r.Client.Outcome, r.Client.Detail)
 	}
@@ -159,11 +169,27 @@ func (r *Record) sortedServers() []standin.ServerEvent {
 func (r *Record) RawLines() []string {
 	c := r.Client
 	lines := []string{fmt.Sprintf("client: outcome=%s local=%s peer=%s reply=%q", c.Outcome, c.Local, c.Peer, c.Reply)}
+	if a := r.After; a != nil {
+		lines = append(lines, fmt.Sprintf("after removal: outcome=%s local=%s peer=%s reply=%q", a.Outcome, a.Local, a.Peer, a.Reply))
+	}
 	for _, p := range r.sortedProxy() {
 		lines = append(lines, proxyLine(p))
 	}
 	for _, s := range r.sortedServers() {
 		lines = append(lines, serverLine(s))
+	}
+	wire := slices.Clone(r.Wire)
+	slices.SortFunc(wire, func(a, b string) int { return strings.Compare(maskPorts(a, r.Fixed), maskPorts(b, r.Fixed)) })
+	for _, w := range wire {
+		lines = append(lines, "wire "+w)
+	}
+	if len(r.StillOpen) > 0 {
+		var open []string
+		for role, n := range r.StillOpen {
+			open = append(open, fmt.Sprintf("%s=%d", role, n))
+		}
+		slices.Sort(open)
+		lines = append(lines, "still open: "+strings.Join(open, " "))
 	}
 	return append(lines, "landing: "+r.Landing())
 }

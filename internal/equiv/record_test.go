@@ -172,9 +172,15 @@ func TestCasesAreWellFormed(t *testing.T) {
 			t.Errorf("%s: no Expect or Description", c.Name)
 		}
 		switch c.Client {
-		case ClientApp, ClientPeer, ClientProxy:
+		case ClientApp, ClientPeer, ClientProxy, ClientMovedApp, ClientSubCgroupApp, ClientNetnsApp:
 		default:
 			t.Errorf("%s: client %q", c.Name, c.Client)
+		}
+		if (c.KnownDifference == "") != (c.EbpfExpect == "") {
+			t.Errorf("%s: KnownDifference and EbpfExpect go together", c.Name)
+		}
+		if c.EbpfExpect == c.Expect && c.EbpfExpect != "" {
+			t.Errorf("%s: a known difference that lands where the reference does", c.Name)
 		}
 		if _, err := netip.ParseAddrPort(c.Dial.Dst); err != nil {
 			t.Errorf("%s: dst: %v", c.Name, err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"time"
 
 	"github.com/ebpf-redirect/ebpf-redirect/internal/standin"
@@ -21,7 +22,10 @@ type Runner struct {
 // RunCase runs one case under one backend in a fresh pod, which it tears down
 // afterwards: the pod is built, the backend applied, the agents started (proxy in the
 // proxy cgroup, app in the pod cgroup, R in its own netns), the servers opened, the
-// connection made, and every party's events collected once nothing is in flight.
+// connection made, and every party's events collected once nothing is in flight. The
+// case's knobs change the order (AttachLate), add a second link (AddInterface), start
+// the client elsewhere (ClientMovedApp...) or remove the backend while the connection
+// is open (RemoveWhileOpen).
 func (r *Runner) RunCase(ctx context.Context, c Case, b Backend) (rec *Record, err error) {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
@@ -34,14 +38,15 @@ func (r *Runner) RunCase(ctx context.Context, c Case, b Backend) (rec *Record, e
 			err = errors.Join(err, fmt.Errorf("pod teardown: %w", cerr))
 		}
 	}()
-	if err := b.Apply(ctx, r.Run, pod); err != nil {
-		return nil, fmt.Errorf("%s apply: %w", b.Name(), err)
-	}
 	var agents []*standin.Agent
+	applied, removed := false, false
 	defer func() {
 		// Agents first: the backend's removal may want quiet sockets.
 		for _, a := range agents {
 			_ = a.Close()
+		}
+		if !applied || removed {
+			return
 		}
 		// A detached pod must still be removable with a fresh context.
 		rctx, rcancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -50,6 +55,18 @@ func (r *Runner) RunCase(ctx context.Context, c Case, b Backend) (rec *Record, e
 			err = errors.Join(err, fmt.Errorf("%s remove: %w", b.Name(), rerr))
 		}
 	}()
+	apply := func() error {
+		if err := b.Apply(ctx, r.Run, pod); err != nil {
+			return fmt.Errorf("%s apply: %w", b.Name(), err)
+		}
+		applied = true
+		return nil
+	}
+	if !c.AttachLate {
+		if err := apply(); err != nil {
+			return nil, err
+		}
+	}
 	start := func(role, netns, cgroup string) (*standin.Agent, error) {
 		a, err := standin.Start(ctx, standin.StartOptions{Role: role, NetNSPath: netns, CgroupDir: cgroup, Exe: r.AgentExe})
 		if err == nil {
@@ -69,6 +86,31 @@ func (r *Runner) RunCase(ctx context.Context, c Case, b Backend) (rec *Record, e
 	if err != nil {
 		return nil, err
 	}
+	client := map[string]*standin.Agent{ClientApp: app, ClientPeer: peer, ClientProxy: proxy}[c.Client]
+	var moveTo string // the cgroup the client moves into once the backend is applied
+	switch c.Client {
+	case ClientMovedApp, ClientNetnsApp, ClientSubCgroupApp:
+		// Started in the pod's netns, in a cgroup that is neither the pod's nor
+		// the proxy's.
+		staging, err := pod.AddCgroup("staging")
+		if err != nil {
+			return nil, err
+		}
+		if client, err = start(standin.RoleApp, pod.NetNSPath(), staging); err != nil {
+			return nil, err
+		}
+		switch c.Client {
+		case ClientMovedApp:
+			moveTo = pod.PodCgroup
+		case ClientSubCgroupApp:
+			if moveTo, err = pod.AddCgroup(filepath.Join(filepath.Base(pod.PodCgroup), "sub")); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if client == nil {
+		return nil, fmt.Errorf("case %s: unknown client %q", c.Name, c.Client)
+	}
 	if err := proxy.StartProxy(ctx, c.Proxy); err != nil {
 		return nil, err
 	}
@@ -82,26 +124,122 @@ func (r *Runner) RunCase(ctx context.Context, c Case, b Backend) (rec *Record, e
 			return nil, err
 		}
 	}
-	client := map[string]*standin.Agent{ClientApp: app, ClientPeer: peer, ClientProxy: proxy}[c.Client]
-	if client == nil {
-		return nil, fmt.Errorf("case %s: unknown client %q", c.Name, c.Client)
+	if c.Wire {
+		// The proxy agent and R sit in the two netns: the pod's lo, R's end of the link.
+		if err := proxy.Sniff(ctx, "lo"); err != nil {
+			return nil, err
+		}
+		if err := peer.Sniff(ctx, topology.PeerIfName); err != nil {
+			return nil, err
+		}
 	}
-	res, err := client.Dial(ctx, c.dialSpec())
-	if err != nil {
-		return nil, err
+	if c.AttachLate {
+		if err := apply(); err != nil {
+			return nil, err
+		}
 	}
-	cctx, ccancel := context.WithTimeout(ctx, 10*time.Second)
+	if c.AddInterface {
+		if err := pod.AddSecondInterface(); err != nil {
+			return nil, err
+		}
+	}
+	if moveTo != "" {
+		if err := topology.MoveToCgroup(client.Pid, moveTo); err != nil {
+			return nil, err
+		}
+	}
+	spec := c.dialSpec()
+	var res standin.DialResult
+	var after *standin.DialResult
+	if !c.RemoveWhileOpen {
+		if res, err = client.Dial(ctx, spec); err != nil {
+			return nil, err
+		}
+	} else {
+		if res, after, err = r.removeWhileOpen(ctx, c, b, pod, client, spec); err != nil {
+			return nil, err
+		}
+		removed = true
+	}
+	collectFor := 10 * time.Second
+	if c.RemoveWhileOpen {
+		// A connection broken by the removal may stay open on one side until
+		// its time-outs: what is still open is part of the record.
+		collectFor = 2 * time.Second
+	}
+	cctx, ccancel := context.WithTimeout(ctx, collectFor)
 	defer ccancel()
 	evs, err := standin.Collect(cctx, proxy, app, peer)
-	if err != nil {
+	if err != nil && !(c.RemoveWhileOpen && cctx.Err() != nil) {
 		return nil, err
 	}
-	rec = &Record{Case: c.Name, Backend: b.Name(), Client: res, Fixed: c.FixedPorts()}
+	rec = &Record{Case: c.Name, Backend: b.Name(), Client: res, After: after, Fixed: c.FixedPorts()}
 	for _, a := range []*standin.Agent{proxy, app, peer} {
 		rec.Proxy = append(rec.Proxy, evs[a].Proxy...)
 		rec.Servers = append(rec.Servers, evs[a].Server...)
+		for _, w := range evs[a].Wire {
+			where := "R"
+			if a == proxy {
+				where = "pod"
+			}
+			rec.Wire = append(rec.Wire, fmt.Sprintf("%s %s: SYN %s > %s", where, w.Iface, w.Src, w.Dst))
+		}
+		if n := evs[a].InFlight; n > 0 {
+			if rec.StillOpen == nil {
+				rec.StillOpen = map[string]int{}
+			}
+			rec.StillOpen[a.Role] = n
+		}
 	}
 	return rec, nil
+}
+
+// removalSettle is how long the connection waits after the removal returned, so
+// that it goes on against a finished removal, whatever the backend does lazily.
+const removalSettle = 300 * time.Millisecond
+
+// removeWhileOpen makes the case's connection hold after its request line, removes
+// the backend, lets the connection finish, and then makes the same connection again,
+// which no capture should see any more.
+func (r *Runner) removeWhileOpen(ctx context.Context, c Case, b Backend, pod *topology.Pod, client *standin.Agent, spec standin.DialSpec) (standin.DialResult, *standin.DialResult, error) {
+	spec.Gate = "open-" + c.Name
+	type result struct {
+		res standin.DialResult
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		res, err := client.Dial(ctx, spec)
+		done <- result{res, err}
+	}()
+	fail := func(err error) (standin.DialResult, *standin.DialResult, error) {
+		_ = client.ReleaseGate(context.Background(), spec.Gate)
+		<-done
+		return standin.DialResult{}, nil, err
+	}
+	if err := client.WaitGate(ctx, spec.Gate); err != nil {
+		return fail(err)
+	}
+	// The request line is out; give it the moment it takes to cross the proxy.
+	time.Sleep(100 * time.Millisecond)
+	if err := b.Remove(ctx, r.Run, pod); err != nil {
+		return fail(fmt.Errorf("%s remove with a connection open: %w", b.Name(), err))
+	}
+	time.Sleep(removalSettle)
+	if err := client.ReleaseGate(ctx, spec.Gate); err != nil {
+		return fail(err)
+	}
+	first := <-done
+	if first.err != nil {
+		return standin.DialResult{}, nil, first.err
+	}
+	spec.Gate = ""
+	spec.Token += "-after"
+	again, err := client.Dial(ctx, spec)
+	if err != nil {
+		return standin.DialResult{}, nil, err
+	}
+	return first.res, &again, nil
 }
 
 // Outcome of one case under both backends.
@@ -113,6 +251,26 @@ type Outcome struct {
 	Diff string
 	// ExpectErr is set when the reference did not land where the case says.
 	ExpectErr error
+}
+
+// Problem returns nil when the suite accepts the outcome: the reference landed where
+// the case expects, and the records are the same or, for a case with a
+// KnownDifference, differ with the candidate landing where EbpfExpect says.
+func (o *Outcome) Problem() error {
+	var errs []error
+	if o.ExpectErr != nil {
+		errs = append(errs, fmt.Errorf("reference: %w", o.ExpectErr))
+	}
+	c := o.Case
+	switch {
+	case c.KnownDifference == "" && o.Diff != "":
+		errs = append(errs, fmt.Errorf("records differ:\n%s", o.Diff))
+	case c.KnownDifference != "" && o.Diff == "":
+		errs = append(errs, fmt.Errorf("the known difference is gone (%s): both backends recorded the same; drop KnownDifference from the case", c.KnownDifference))
+	case c.KnownDifference != "" && o.Candidate.Landing() != c.EbpfExpect:
+		errs = append(errs, fmt.Errorf("known difference, but ebpf-redirect landed on %q, the case expects %q:\n%s", o.Candidate.Landing(), c.EbpfExpect, o.Diff))
+	}
+	return errors.Join(errs...)
 }
 
 // RunPair runs a case under the reference and under the candidate, each in its own

@@ -87,6 +87,9 @@ var cgroupHooks = []struct {
 	{"cgroup_connect6", ebpf.AttachCGroupInet6Connect, func(d *datapath.Datapath) *ebpf.Program { return d.PodConnect6 }},
 	{"cgroup_getpeername6", ebpf.AttachCgroupInet6GetPeername, func(d *datapath.Datapath) *ebpf.Program { return d.PodGetpeername6 }},
 	{"cgroup_sockops", ebpf.AttachCGroupSockOps, func(d *datapath.Datapath) *ebpf.Program { return d.PodSockops }},
+	// Refuses new inbound connections that arrive on an interface without the
+	// tc programs (added after attach, not yet refreshed): fail closed.
+	{"cgroup_skb_ingress", ebpf.AttachCGroupInetIngress, func(d *datapath.Datapath) *ebpf.Program { return d.PodSockIngress }},
 }
 
 func tcProg(d *datapath.Datapath, ingress bool) *ebpf.Program {

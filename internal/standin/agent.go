@@ -10,8 +10,11 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // MaybeRunRole runs the agent role named by EBPF_REDIRECT_ROLE, if it is set, and exits
@@ -21,6 +24,9 @@ func MaybeRunRole() {
 	role := os.Getenv(RoleEnv)
 	if role == "" {
 		return
+	}
+	if role == RoleDialer {
+		os.Exit(runDialer(os.Stdin, os.Stdout))
 	}
 	os.Exit(runAgent(role, os.Stdin, os.Stdout))
 }
@@ -61,11 +67,15 @@ type agent struct {
 	role string
 	log  *slog.Logger
 
-	mu        sync.Mutex
-	proxyEvs  []ProxyEvent
-	serverEvs []ServerEvent
-	inFlight  int
-	listeners []io.Closer
+	mu          sync.Mutex
+	proxyEvs    []ProxyEvent
+	serverEvs   []ServerEvent
+	counts      map[string]int // quiet listeners
+	wire        []WireEvent
+	wireSeen    map[WireEvent]bool
+	inFlight    int
+	maxInFlight int // since the last OpEvents
+	listeners   []io.Closer
 }
 
 func runAgent(role string, in io.Reader, out io.Writer) int {
@@ -73,9 +83,11 @@ func runAgent(role string, in io.Reader, out io.Writer) int {
 	switch role {
 	case RoleProxy, RoleApp, RolePeer:
 		h = &agent{
-			role: role,
-			log:  slog.New(slog.NewTextHandler(os.Stderr, nil)).With("role", role, "pid", os.Getpid()),
+			role:   role,
+			log:    slog.New(slog.NewTextHandler(os.Stderr, nil)).With("role", role, "pid", os.Getpid()),
+			counts: map[string]int{},
 		}
+		raiseFileLimit()
 	default:
 		rolesMu.Lock()
 		newHandler := roles[role]
@@ -151,12 +163,37 @@ func (a *agent) Handle(cmd Command) Response {
 		if a.role == RoleProxy && spec.Mark == 0 {
 			spec.Mark = ProxyMark // the proxy marks every socket it creates
 		}
-		res := dial(spec)
+		res := dialFrom(spec)
 		r.Dial = &res
+	case cmd.Op == OpGate && cmd.Gate != nil:
+		if cmd.Gate.Release {
+			gates.release(cmd.Gate.Name)
+			break
+		}
+		timeout := time.Duration(cmd.Gate.TimeoutMS) * time.Millisecond
+		if timeout <= 0 {
+			timeout = 10 * time.Second
+		}
+		if err := gates.waitReached(cmd.Gate.Name, timeout); err != nil {
+			r.Error = err.Error()
+		}
+	case cmd.Op == OpSniff && cmd.Sniff != nil:
+		if err := a.sniff(cmd.Sniff.Iface); err != nil {
+			r.Error = err.Error()
+		}
+	case cmd.Op == OpLoad && cmd.Load != nil:
+		res := runLoad(*cmd.Load)
+		r.Load = &res
 	case cmd.Op == OpEvents:
 		a.mu.Lock()
-		r.Events = &Events{Proxy: a.proxyEvs, Server: a.serverEvs, InFlight: a.inFlight}
+		r.Events = &Events{Proxy: a.proxyEvs, Server: a.serverEvs, InFlight: a.inFlight, MaxInFlight: a.maxInFlight, Wire: a.wire}
+		a.wire = nil
+		if len(a.counts) > 0 {
+			r.Events.Counts = a.counts
+			a.counts = map[string]int{}
+		}
 		a.proxyEvs, a.serverEvs = nil, nil
+		a.maxInFlight = a.inFlight
 		a.mu.Unlock()
 	default:
 		r.Error = fmt.Sprintf("role %s cannot do %q", a.role, cmd.Op)
@@ -167,7 +204,32 @@ func (a *agent) Handle(cmd Command) Response {
 func (a *agent) begin() {
 	a.mu.Lock()
 	a.inFlight++
+	a.maxInFlight = max(a.maxInFlight, a.inFlight)
 	a.mu.Unlock()
+}
+
+func (a *agent) count(key string) {
+	a.mu.Lock()
+	a.counts[key]++
+	a.mu.Unlock()
+}
+
+// raiseFileLimit lifts the open-file limit as far as the kernel allows (load
+// tests hold tens of thousands of sockets); best effort.
+func raiseFileLimit() {
+	lim := unix.Rlimit{Cur: 1 << 20, Max: 1 << 20}
+	if b, err := os.ReadFile("/proc/sys/fs/nr_open"); err == nil {
+		if n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err == nil {
+			lim = unix.Rlimit{Cur: n, Max: n}
+		}
+	}
+	if unix.Setrlimit(unix.RLIMIT_NOFILE, &lim) != nil {
+		var cur unix.Rlimit
+		if unix.Getrlimit(unix.RLIMIT_NOFILE, &cur) == nil {
+			cur.Cur = cur.Max
+			_ = unix.Setrlimit(unix.RLIMIT_NOFILE, &cur)
+		}
+	}
 }
 
 func (a *agent) end() {
@@ -219,7 +281,11 @@ func (a *agent) listen(spec ListenSpec) (string, error) {
 			return "", err
 		}
 		a.keep(l)
-		go a.acceptLoop(l.(*net.TCPListener), func(c *net.TCPConn) { a.serveTCP(c, name) })
+		timeout := time.Duration(spec.TimeoutMS) * time.Millisecond
+		if timeout <= 0 {
+			timeout = 10 * time.Second
+		}
+		go a.acceptLoop(l.(*net.TCPListener), func(c *net.TCPConn) { a.serveTCP(c, name, spec.Quiet, timeout) })
 		return l.Addr().String(), nil
 	case "udp":
 		return a.serveUDP(spec.Addr, name)
@@ -245,14 +311,22 @@ func (a *agent) acceptLoop(l *net.TCPListener, handle func(*net.TCPConn)) {
 }
 
 // serveTCP answers one request as server `name`.
-func (a *agent) serveTCP(c *net.TCPConn, name string) {
+func (a *agent) serveTCP(c *net.TCPConn, name string, quiet bool, timeout time.Duration) {
 	defer c.Close()
+	if quiet {
+		_, reply := readRequest(c, name, timeout)
+		a.count(name)
+		if reply != nil {
+			_ = reply()
+		}
+		return
+	}
 	ev := ServerEvent{Name: name, Proto: "tcp"}
 	_ = withFD(c, func(fd int) {
 		ev.Local, ev.Peer = names(fd)
 		ev.Mark = soMark(fd)
 	})
-	req, reply := readRequest(c, name)
+	req, reply := readRequest(c, name, timeout)
 	ev.Request = req
 	// Recorded before the reply leaves: whoever sees the reply can also see the event.
 	a.addServerEvent(ev)
@@ -261,10 +335,11 @@ func (a *agent) serveTCP(c *net.TCPConn, name string) {
 	}
 }
 
-// readRequest reads "REQ <token> <size>" and the payload; it returns a description of
-// the request and, when it was well formed, a function that sends the reply.
-func readRequest(c *net.TCPConn, name string) (string, func() error) {
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+// readRequest reads "REQ <token> <size>" and the payload, within timeout; it returns
+// a description of the request and, when it was well formed, a function that sends
+// the reply.
+func readRequest(c *net.TCPConn, name string, timeout time.Duration) (string, func() error) {
+	_ = c.SetDeadline(time.Now().Add(timeout))
 	br := bufio.NewReader(io.LimitReader(c, 64<<20))
 	line, err := br.ReadString('\n')
 	if err != nil {

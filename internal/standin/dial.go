@@ -36,22 +36,37 @@ func dial(spec DialSpec) DialResult {
 	sotype := unix.SOCK_STREAM
 	if spec.Proto == "udp" {
 		sotype = unix.SOCK_DGRAM
+		if spec.Method != "" && spec.Method != MethodNonblocking || spec.MPTCP || spec.Gate != "" {
+			return DialResult{Outcome: OutcomeErrPrefix + "bad spec", Detail: "UDP dials take no method, MPTCP or gate"}
+		}
 	}
-	c, local, peer, err := rawConnect(connectOpts{
+	header := fmt.Sprintf("%s %s %d\n", requestLinePrefix, spec.Token, spec.Size)
+	o := connectOpts{
 		sotype: sotype, dst: dst, src: src, mark: spec.Mark, timeout: timeout,
-	})
+		method: spec.Method, device: spec.Device, mptcp: spec.MPTCP,
+	}
+	if spec.Method == MethodTFOSendto || spec.Method == MethodTFOConnect {
+		o.first = []byte(header) // the request line goes with the connect
+	}
+	c, local, peer, err := rawConnect(o)
 	if err != nil {
 		return DialResult{Outcome: classify(err), Detail: err.Error()}
 	}
 	defer c.Close()
 	res := DialResult{Local: local, Peer: peer}
-	hold := time.Duration(spec.HoldMS) * time.Millisecond
-	time.Sleep(hold)
-	_ = c.SetDeadline(time.Now().Add(2 * timeout))
+	time.Sleep(time.Duration(spec.HoldMS) * time.Millisecond)
+	deadline := 2 * timeout
+	if spec.Gate != "" {
+		deadline += gateHoldMax
+	}
+	_ = c.SetDeadline(time.Now().Add(deadline))
 	if spec.Proto == "udp" {
 		exchangeUDP(c, spec, &res)
 	} else {
-		exchangeTCP(c.(*net.TCPConn), spec, &res)
+		if o.first != nil {
+			header = "" // already sent
+		}
+		exchangeTCP(c.(*net.TCPConn), spec, header, &res)
 	}
 	return res
 }
@@ -71,14 +86,25 @@ func exchangeUDP(c net.Conn, spec DialSpec, res *DialResult) {
 	res.Outcome = OutcomeOK
 }
 
-func exchangeTCP(c *net.TCPConn, spec DialSpec, res *DialResult) {
+// exchangeTCP sends the request (header, unless the connect already carried
+// it, then the payload), reads the reply and checks it.
+func exchangeTCP(c *net.TCPConn, spec DialSpec, header string, res *DialResult) {
 	// Write concurrently with reading: a peer that closes early must not leave the
 	// writer stuck, and its close must be seen by the reader.
 	werr := make(chan error, 1)
 	go func() {
 		bw := bufio.NewWriter(c)
-		fmt.Fprintf(bw, "%s %s %d\n", requestLinePrefix, spec.Token, spec.Size)
-		_, err := io.CopyN(bw, payloadStream(upSeed(spec.Token)), int64(spec.Size))
+		bw.WriteString(header)
+		var err error
+		if spec.Gate != "" {
+			// Hold with the request line out, until the harness lets go.
+			if err = bw.Flush(); err == nil {
+				err = gates.hold(spec.Gate)
+			}
+		}
+		if err == nil {
+			_, err = io.CopyN(bw, payloadStream(upSeed(spec.Token)), int64(spec.Size))
+		}
 		if err == nil {
 			err = bw.Flush()
 		}

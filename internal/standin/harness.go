@@ -188,6 +188,37 @@ func (a *Agent) Dial(ctx context.Context, spec DialSpec) (DialResult, error) {
 	return *r.Dial, nil
 }
 
+// WaitGate returns once a dial of this agent holds at the named gate.
+func (a *Agent) WaitGate(ctx context.Context, name string) error {
+	_, err := a.Call(ctx, Command{Op: OpGate, Gate: &GateSpec{Name: name}})
+	return err
+}
+
+// ReleaseGate lets the dials holding at the named gate go on.
+func (a *Agent) ReleaseGate(ctx context.Context, name string) error {
+	_, err := a.Call(ctx, Command{Op: OpGate, Gate: &GateSpec{Name: name, Release: true}})
+	return err
+}
+
+// Sniff makes the agent record the connection attempts crossing an interface
+// of its netns (Events.Wire).
+func (a *Agent) Sniff(ctx context.Context, iface string) error {
+	_, err := a.Call(ctx, Command{Op: OpSniff, Sniff: &SniffSpec{Iface: iface}})
+	return err
+}
+
+// Load runs a load of many connections from the agent (see LoadSpec).
+func (a *Agent) Load(ctx context.Context, spec LoadSpec) (LoadResult, error) {
+	r, err := a.Call(ctx, Command{Op: OpLoad, Load: &spec})
+	if err != nil {
+		return LoadResult{}, err
+	}
+	if r.Load == nil {
+		return LoadResult{}, fmt.Errorf("%s agent: load: empty answer", a.Role)
+	}
+	return *r.Load, nil
+}
+
 // Events returns and clears the agent's events.
 func (a *Agent) Events(ctx context.Context) (Events, error) {
 	r, err := a.Call(ctx, Command{Op: OpEvents})
@@ -241,6 +272,14 @@ func Collect(ctx context.Context, agents ...*Agent) (map[*Agent]Events, error) {
 			acc.Proxy = append(acc.Proxy, ev.Proxy...)
 			acc.Server = append(acc.Server, ev.Server...)
 			acc.InFlight = ev.InFlight
+			acc.MaxInFlight = max(acc.MaxInFlight, ev.MaxInFlight)
+			acc.Wire = append(acc.Wire, ev.Wire...)
+			for k, n := range ev.Counts {
+				if acc.Counts == nil {
+					acc.Counts = map[string]int{}
+				}
+				acc.Counts[k] += n
+			}
 			all[a] = acc
 			busy += ev.InFlight
 		}

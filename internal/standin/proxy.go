@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -14,8 +15,15 @@ import (
 )
 
 // proxyListenConfig makes the proxy's listeners as the real one does: dual-stack,
-// SO_REUSEPORT, best-effort IP(V6)_TRANSPARENT, SO_MARK 0x539.
-var proxyListenConfig = net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+// plain TCP (Go would otherwise make them MPTCP, whose sockets do not answer
+// SO_ORIGINAL_DST), SO_REUSEPORT, best-effort IP(V6)_TRANSPARENT, SO_MARK 0x539.
+var proxyListenConfig = func() net.ListenConfig {
+	lc := proxyListenControl
+	lc.SetMultipathTCP(false)
+	return lc
+}()
+
+var proxyListenControl = net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
 	var serr error
 	err := rc.Control(func(fd uintptr) {
 		s := int(fd)
@@ -51,23 +59,34 @@ func (a *agent) startProxy(spec ProxySpec) error {
 		}
 		a.keep(ln)
 		port := l.port
-		go a.acceptLoop(ln.(*net.TCPListener), func(c *net.TCPConn) { a.proxyConn(c, port, timeout) })
+		go a.acceptLoop(ln.(*net.TCPListener), func(c *net.TCPConn) { a.proxyConn(c, port, timeout, spec.Quiet) })
 	}
 	return nil
 }
 
-func isSelfCall(dst netip.AddrPort) bool {
+// isSelfCall: an original destination that is one of the proxy's own ports.
+// Outbound (15001) refuses it on a loopback address (the reference README);
+// inbound plaintext (15006) on any address, as the real proxy does, since
+// relaying pod:15006 to pod:15006 would loop forever.
+func isSelfCall(listener int, dst netip.AddrPort) bool {
 	switch dst.Port() {
 	case PortOutbound, PortInbound, PortHBONE:
-		return dst.Addr().Unmap().IsLoopback()
+		return listener == PortInbound || dst.Addr().Unmap().IsLoopback()
 	}
 	return false
 }
 
 // proxyConn handles one accepted connection and records what the proxy saw.
-func (a *agent) proxyConn(c *net.TCPConn, port int, dialTimeout time.Duration) {
+func (a *agent) proxyConn(c *net.TCPConn, port int, dialTimeout time.Duration, quiet bool) {
 	defer c.Close()
 	ev := ProxyEvent{Listener: port}
+	record := a.addProxyEvent
+	if quiet {
+		record = func(e ProxyEvent) {
+			act, _, _ := strings.Cut(e.Action, ":")
+			a.count(fmt.Sprintf("%s:%d:%s", RoleProxy, e.Listener, act))
+		}
+	}
 	var orig, peer netip.AddrPort
 	_ = withFD(c, func(fd int) {
 		ev.Local, ev.Peer = names(fd)
@@ -88,17 +107,17 @@ func (a *agent) proxyConn(c *net.TCPConn, port int, dialTimeout time.Duration) {
 	orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
 	ev.OrigDst = orig.String()
 
-	if isSelfCall(orig) {
+	if isSelfCall(port, orig) {
 		ev.Action = ActionSelfCall
-		a.addProxyEvent(ev)
+		record(ev)
 		closeGracefully(c)
 		return
 	}
 	if port == PortHBONE {
 		name := fmt.Sprintf("%s:%d", RoleProxy, PortHBONE)
-		req, reply := readRequest(c, name)
+		req, reply := readRequest(c, name, 10*time.Second)
 		ev.Action, ev.Request = ActionServed, req
-		a.addProxyEvent(ev)
+		record(ev)
 		if reply != nil {
 			_ = reply()
 		}
@@ -114,14 +133,14 @@ func (a *agent) proxyConn(c *net.TCPConn, port int, dialTimeout time.Duration) {
 	up, upLocal, upPeer, err := rawConnect(opts)
 	if err != nil {
 		ev.Action = ActionDialFailed + classify(err)
-		a.addProxyEvent(ev)
+		record(ev)
 		closeGracefully(c)
 		return
 	}
 	defer up.Close()
 	ev.Action, ev.UpLocal, ev.UpPeer = ActionRelayed, upLocal, upPeer
 	ev.BytesUp, ev.BytesDown = relay(c, up.(*net.TCPConn))
-	a.addProxyEvent(ev)
+	record(ev)
 }
 
 // closeGracefully sends FIN and drains until the client closes too (bounded), so that

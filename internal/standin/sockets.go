@@ -82,6 +82,16 @@ type connectOpts struct {
 	mark        uint32
 	transparent bool // IP_TRANSPARENT + IP_FREEBIND (the proxy's spoofed source)
 	timeout     time.Duration
+	method      string // DialSpec.Method
+	device      string // SO_BINDTODEVICE
+	mptcp       bool   // IPPROTO_MPTCP
+	first       []byte // TFO methods: sent with (tfo-sendto) or right after (tfo-connect) the connect
+}
+
+// blockingMethod: the socket is created blocking, its connect bounded by
+// SO_SNDTIMEO (or io_uring's own timeout).
+func blockingMethod(m string) bool {
+	return m == MethodBlocking || m == MethodTFOSendto || m == MethodTFOConnect || m == MethodIOUring
 }
 
 // rawConnect creates, configures, binds and connects a socket with plain syscalls, so
@@ -92,7 +102,15 @@ func rawConnect(o connectOpts) (c net.Conn, local, peer string, err error) {
 	if o.dst.Addr().Is6() {
 		family = unix.AF_INET6
 	}
-	fd, err := unix.Socket(family, o.sotype|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	flags := unix.SOCK_CLOEXEC
+	if !blockingMethod(o.method) {
+		flags |= unix.SOCK_NONBLOCK
+	}
+	proto := 0
+	if o.mptcp {
+		proto = unix.IPPROTO_MPTCP
+	}
+	fd, err := unix.Socket(family, o.sotype|flags, proto)
 	if err != nil {
 		return nil, "", "", fmt.Errorf("socket: %w", err)
 	}
@@ -119,19 +137,19 @@ func rawConnect(o connectOpts) (c net.Conn, local, peer string, err error) {
 			return nil, "", "", fmt.Errorf("IP_FREEBIND: %w", err)
 		}
 	}
+	if o.device != "" {
+		if err := unix.SetsockoptString(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, o.device); err != nil {
+			return nil, "", "", fmt.Errorf("SO_BINDTODEVICE %s: %w", o.device, err)
+		}
+	}
 	if o.src.IsValid() {
 		if err := unix.Bind(fd, sockaddrFor(family, o.src)); err != nil {
 			return nil, "", "", fmt.Errorf("bind %s: %w", o.src, err)
 		}
 	}
-	err = unix.Connect(fd, sockaddrFor(family, o.dst))
-	if errors.Is(err, unix.EINPROGRESS) {
-		err = waitConnected(fd, o.timeout)
-	}
-	if err != nil {
+	if local, peer, err = connectBy(fd, family, o); err != nil {
 		return nil, "", "", err
 	}
-	local, peer = names(fd)
 	f := os.NewFile(uintptr(fd), "socket")
 	closeFD = false
 	defer f.Close() // FileConn holds its own duplicate

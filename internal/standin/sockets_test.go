@@ -29,8 +29,21 @@ func TestIsSelfCall(t *testing.T) {
 		"127.0.0.1:8080":           false,
 		"10.77.0.2:15001":          false,
 	} {
-		if got := isSelfCall(netip.MustParseAddrPort(s)); got != want {
-			t.Errorf("%s: %v", s, got)
+		if got := isSelfCall(PortOutbound, netip.MustParseAddrPort(s)); got != want {
+			t.Errorf("outbound %s: %v", s, got)
+		}
+	}
+	// The inbound listener refuses its own ports on any address: relaying
+	// pod:15006 to pod:15006 would loop.
+	for s, want := range map[string]bool{
+		"127.0.0.1:15006": true,
+		"10.77.0.2:15006": true,
+		"10.77.0.2:15001": true,
+		"10.77.0.2:15008": true,
+		"10.77.0.2:8080":  false,
+	} {
+		if got := isSelfCall(PortInbound, netip.MustParseAddrPort(s)); got != want {
+			t.Errorf("inbound %s: %v", s, got)
 		}
 	}
 }
