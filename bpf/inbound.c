@@ -301,7 +301,9 @@ static __always_inline int reply_to_proxy(struct __sk_buff *skb, struct pkt *p, 
 	/* lo drops frames not addressed to its (all-zero) MAC. */
 	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), zero_mac, ETH_ALEN, 0))
 		return TCX_DROP;
-	count(netns, RULE_CONNMARK_RESTORE);
+	/* Counted once per connection: on the reply to the proxy's SYN. */
+	if (p->tcp.syn)
+		count(netns, RULE_CONNMARK_RESTORE);
 	return bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
 }
 

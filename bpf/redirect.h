@@ -55,7 +55,8 @@ struct pod_info {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* written by the loader only: pay per entry */
+	__uint(max_entries, 16384); /* pods per node */
 	__type(key, __u64);
 	__type(value, struct pod_info);
 } pods SEC(".maps");
@@ -71,6 +72,7 @@ struct local_key {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* written by the loader only: pay per entry */
 	__uint(max_entries, 65536);
 	__type(key, struct local_key);
 	__type(value, __u8);
@@ -91,6 +93,7 @@ struct iface_info {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* written by the loader only: pay per entry */
 	__uint(max_entries, 65536);
 	__type(key, struct iface_key);
 	__type(value, struct iface_info);
@@ -121,9 +124,11 @@ struct flow_key {
 	__u16 _pad;
 };
 
+/* Sizes: LRU maps are preallocated, so these are paid up front, once per
+ * node (docs/scale.md): 65536 concurrent redirected connections each way. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
+	__uint(max_entries, 65536);
 	__type(key, struct flow_key);
 	__type(value, struct orig_dst);
 } out_flows SEC(".maps");
@@ -150,7 +155,7 @@ struct in_flow {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
+	__uint(max_entries, 65536);
 	__type(key, struct flow_key);
 	__type(value, struct in_flow);
 } in_flows SEC(".maps");
@@ -164,8 +169,9 @@ struct counter_key {
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
-	__uint(max_entries, 65536);
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* entries of detached pods are deleted */
+	__uint(max_entries, 16384 * RULE_MAX);
 	__type(key, struct counter_key);
 	__type(value, __u64);
 } counters SEC(".maps");

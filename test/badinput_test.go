@@ -90,7 +90,7 @@ func TestBadInputIsRefusedByTheAPI(t *testing.T) {
 			if ctx == nil {
 				ctx = context.Background()
 			}
-			err := redirect.Attach(ctx, tc.o, tc.p)
+			_, err := redirect.Attach(ctx, tc.o, tc.p)
 			if err == nil {
 				t.Fatalf("Attach accepted it")
 			}

@@ -1,18 +1,16 @@
 // Command ebpf-redirect gives a pod the in-pod traffic capture of Istio's
-// ambient mode with eBPF instead of iptables. Node agents drive it once per
-// pod: attach, detach, list.
+// ambient mode with eBPF instead of iptables. It is a thin client of the
+// manager package; node agents drive it (or the package) once per pod.
 package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
 	"os/signal"
 	"syscall"
-	"text/tabwriter"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -20,6 +18,7 @@ import (
 	"github.com/ebpf-redirect/ebpf-redirect/internal/config"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/redirect"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/standin"
+	"github.com/ebpf-redirect/ebpf-redirect/manager"
 )
 
 func main() {
@@ -42,26 +41,25 @@ func main() {
 type globals struct {
 	root     string
 	logLevel string
+	tcMode   string
 	cfg      config.Config
 	probe    string
+	log      *slog.Logger
 }
 
-func (g *globals) options() (redirect.Options, error) {
+func (g *globals) manager() (*manager.Manager, error) {
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(g.logLevel)); err != nil {
-		return redirect.Options{}, fmt.Errorf("--log-level: %w", err)
+		return nil, fmt.Errorf("--log-level: %w", err)
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+	g.log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
 	cfg := g.cfg
 	a, err := netip.ParseAddr(g.probe)
 	if err != nil {
-		return redirect.Options{}, fmt.Errorf("--probe-addr: %w", err)
+		return nil, fmt.Errorf("--probe-addr: %w", err)
 	}
 	cfg.ProbeAddr = a
-	if err := cfg.Validate(); err != nil {
-		return redirect.Options{}, fmt.Errorf("config: %w", err)
-	}
-	return redirect.Options{Root: g.root, Config: cfg, Log: log}, nil
+	return manager.New(manager.Options{BPFFS: g.root, Config: &cfg, TCMode: g.tcMode, Logger: g.log})
 }
 
 func configFlags(fs *pflag.FlagSet, g *globals) {
@@ -86,25 +84,40 @@ func newRoot() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.PersistentFlags().StringVar(&g.root, "bpffs", redirect.DefaultRoot, "directory on a bpffs mount where programs, maps and links are pinned")
-	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "debug, info, warn or error")
-	configFlags(root.PersistentFlags(), g)
-	root.AddCommand(attachCmd(g), detachCmd(g), listCmd(g), demoCmd())
+	pf := root.PersistentFlags()
+	pf.StringVar(&g.root, "bpffs", redirect.DefaultRoot, "directory on a bpffs mount where programs, maps and links are pinned")
+	pf.StringVar(&g.logLevel, "log-level", "info", "debug, info, warn or error")
+	pf.StringVar(&g.tcMode, "tc-mode", "auto", "auto (tcx if the kernel has it), tcx, or legacy (clsact + cls_bpf)")
+	configFlags(pf, g)
+	root.AddCommand(attachCmd(g), detachCmd(g), listCmd(g), reconcileCmd(g), statsCmd(g), explainCmd(g),
+		upgradeCmd(g), serveCmd(g), demoCmd(), scaleCmd(), benchCmd())
 	return root
 }
 
 func attachCmd(g *globals) *cobra.Command {
-	var p redirect.Pod
+	var p manager.Pod
 	c := &cobra.Command{
 		Use:   "attach --pod-id ID --netns PATH --cgroup PATH [--proxy-cgroup PATH]",
 		Short: "Capture one pod's traffic; stays in place after the command exits",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := g.options()
+			m, err := g.manager()
 			if err != nil {
 				return err
 			}
-			return redirect.Attach(cmd.Context(), o, p)
+			res, err := m.AttachPod(cmd.Context(), p)
+			if err != nil {
+				return err
+			}
+			switch {
+			case res.AlreadyAttached:
+				fmt.Fprintf(cmd.OutOrStdout(), "pod %s already attached; nothing to do\n", p.ID)
+			case res.Repaired:
+				fmt.Fprintf(cmd.OutOrStdout(), "pod %s attached (an earlier broken attach was removed first)\n", p.ID)
+			default:
+				fmt.Fprintf(cmd.OutOrStdout(), "pod %s attached\n", p.ID)
+			}
+			return nil
 		},
 	}
 	c.Flags().StringVar(&p.ID, "pod-id", "", "unique id of the pod (letters, digits, '.', '_', '-')")
@@ -124,46 +137,18 @@ func detachCmd(g *globals) *cobra.Command {
 		Short: "Remove everything attach made for the pod: links, pins, map entries, route",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := g.options()
+			m, err := g.manager()
 			if err != nil {
 				return err
 			}
-			return redirect.Detach(cmd.Context(), o, id)
+			if err := m.DetachPod(cmd.Context(), id); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "pod %s detached\n", id)
+			return nil
 		},
 	}
 	c.Flags().StringVar(&id, "pod-id", "", "id given to attach")
 	_ = c.MarkFlagRequired("pod-id")
-	return c
-}
-
-func listCmd(g *globals) *cobra.Command {
-	var asJSON bool
-	c := &cobra.Command{
-		Use:   "list",
-		Short: "Show the attached pods",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := g.options()
-			if err != nil {
-				return err
-			}
-			recs, err := redirect.List(o)
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(recs)
-			}
-			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "POD\tSTATE\tPOD IP\tNETNS\tCGROUP")
-			for _, r := range recs {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", r.ID, r.State, r.PodIP, r.Netns, r.Cgroup)
-			}
-			return w.Flush()
-		},
-	}
-	c.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return c
 }

@@ -2,9 +2,12 @@ package datapath
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 
@@ -51,6 +54,39 @@ type Datapath struct {
 	// Rodata holds the load-time constants; kept so a later process can check
 	// that the pinned programs were built for the config it was given.
 	Rodata *ebpf.Map
+	// VersionMap holds the Version of the programs that were pinned.
+	VersionMap *ebpf.Map
+}
+
+// Version identifies the embedded programs: a hash of the compiled object. A
+// pinned datapath with another version is upgraded in place (see
+// LoadReplacing).
+func Version() string {
+	h := sha256.Sum256(_RedirectBytes)
+	return hex.EncodeToString(h[:8])
+}
+
+func newVersionMap() (*ebpf.Map, error) {
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Name: "erd_version", Type: ebpf.Array, KeySize: 4, ValueSize: 32, MaxEntries: 1})
+	if err != nil {
+		return nil, err
+	}
+	v := make([]byte, 32)
+	copy(v, Version())
+	if err := m.Put(uint32(0), v); err != nil {
+		m.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+// PinnedVersion is the Version of the programs this datapath was loaded from.
+func (d *Datapath) PinnedVersion() (string, error) {
+	v := make([]byte, 32)
+	if err := d.VersionMap.Lookup(uint32(0), &v); err != nil {
+		return "", fmt.Errorf("reading the datapath version: %w", err)
+	}
+	return string(bytes.TrimRight(v, "\x00")), nil
 }
 
 func toC(c config.Config) cConfig {
@@ -89,12 +125,26 @@ func Load(cfg config.Config) (*Datapath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", MapSizesEnv, err)
 	}
-	return LoadWithSizes(cfg, sizes)
+	return load(cfg, sizes, nil)
 }
 
 // LoadWithSizes is Load with the capacity of some maps changed (map name to
 // max entries), to test what happens when a map is full.
 func LoadWithSizes(cfg config.Config, sizes MapSizes) (*Datapath, error) {
+	return load(cfg, sizes, nil)
+}
+
+// LoadReplacing loads the embedded programs on top of old's maps, so that an
+// upgrade keeps every pod's state (flows, counters, addresses). It fails if
+// the new programs' maps are not compatible with the pinned ones.
+func LoadReplacing(cfg config.Config, old *Datapath) (*Datapath, error) {
+	return load(cfg, nil, old)
+}
+
+func load(cfg config.Config, sizes MapSizes, old *Datapath) (*Datapath, error) {
+	if err := CheckKernel(); err != nil {
+		return nil, err
+	}
 	spec, err := Spec(cfg)
 	if err != nil {
 		return nil, err
@@ -102,7 +152,18 @@ func LoadWithSizes(cfg config.Config, sizes MapSizes) (*Datapath, error) {
 	if err := sizes.apply(spec); err != nil {
 		return nil, err
 	}
-	coll, err := ebpf.NewCollection(spec)
+	var opts ebpf.CollectionOptions
+	if old != nil {
+		_, maps := old.objects()
+		opts.MapReplacements = map[string]*ebpf.Map{}
+		for name, m := range maps {
+			if ms, ok := spec.Maps[name]; ok && m != nil {
+				ms.MaxEntries = m.MaxEntries() // as loaded, even if resized
+				opts.MapReplacements[name] = m
+			}
+		}
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, opts)
 	if err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
@@ -114,6 +175,9 @@ func LoadWithSizes(cfg config.Config, sizes MapSizes) (*Datapath, error) {
 	err = coll.Assign(&d.redirectPrograms)
 	if err == nil {
 		err = coll.Assign(&d.redirectMaps)
+	}
+	if err == nil {
+		d.VersionMap, err = newVersionMap()
 	}
 	coll.Close()
 	if err != nil {
@@ -144,7 +208,41 @@ func (d *Datapath) objects() (map[string]*ebpf.Program, map[string]*ebpf.Map) {
 			redirectMapInFlows:    d.InFlows,
 			redirectMapCounters:   d.Counters,
 			"rodata":              d.Rodata,
+			"version":             d.VersionMap,
 		}
+}
+
+// ProgramsByName are the programs, by their names in the object.
+func (d *Datapath) ProgramsByName() map[string]*ebpf.Program {
+	progs, _ := d.objects()
+	return progs
+}
+
+// Repin replaces, in a datapath pinned in dir, the programs and the version
+// and constants with this datapath's (after an upgrade: the maps are shared).
+// Each pin is replaced by a rename, so a reader always finds a complete set.
+func (d *Datapath) Repin(dir string) error {
+	progs, maps := d.objects()
+	repin := func(name string, pin func(string) error) error {
+		final := filepath.Join(dir, name)
+		tmp := filepath.Join(dir, "new_"+name)
+		_ = os.Remove(tmp)
+		if err := pin(tmp); err != nil {
+			return err
+		}
+		return os.Rename(tmp, final)
+	}
+	for name, p := range progs {
+		if err := repin("prog_"+name, p.Pin); err != nil {
+			return fmt.Errorf("repinning %s: %w", name, err)
+		}
+	}
+	for _, name := range []string{"rodata", "version"} {
+		if err := repin("map_"+name, maps[name].Pin); err != nil {
+			return fmt.Errorf("repinning %s: %w", name, err)
+		}
+	}
+	return nil
 }
 
 // Pin pins every program and map into dir, which must not exist yet. The pins
@@ -218,7 +316,7 @@ func LoadPinned(dir string, cfg *config.Config) (*Datapath, error) {
 	out.PodSockIngress = progs[redirectProgPodSockIngress]
 	out.Pods, out.LocalAddrs, out.Ifaces = maps[redirectMapPods], maps[redirectMapLocalAddrs], maps[redirectMapIfaces]
 	out.SkOrig, out.OutFlows, out.InFlows, out.Counters = maps[redirectMapSkOrig], maps[redirectMapOutFlows], maps[redirectMapInFlows], maps[redirectMapCounters]
-	out.Rodata = maps["rodata"]
+	out.Rodata, out.VersionMap = maps["rodata"], maps["version"]
 	if err != nil {
 		out.Close()
 		return nil, fmt.Errorf("opening the pinned datapath in %s: %w", dir, err)
@@ -271,4 +369,39 @@ func (d *Datapath) Close() {
 			m.Close()
 		}
 	}
+}
+
+// LiveConfig is the config the pinned programs run with (route table and
+// rule priority are not the programs' business and stay at their defaults).
+func (d *Datapath) LiveConfig() (config.Config, error) {
+	c, err := d.Config()
+	if err != nil {
+		return config.Config{}, err
+	}
+	out := config.Default()
+	var a [4]byte
+	binary.NativeEndian.PutUint32(a[:], c.ProbeAddr)
+	out.ProbeAddr = netip.AddrFrom4(a)
+	out.ProxyMark, out.ConnMark, out.MarkMask = c.ProxyMark, c.ConnMark, c.MarkMask
+	out.OutboundPort, out.InboundPort, out.HBONEPort = c.OutboundPort, c.InboundPort, c.HbonePort
+	return out, nil
+}
+
+// Counts sums the per-CPU counters of one pod, by rule.
+func (d *Datapath) Counts(netns uint64) (map[Rule]uint64, error) {
+	out := map[Rule]uint64{}
+	for r := Rule(0); r < RuleMax; r++ {
+		var per []uint64
+		err := d.Counters.Lookup(CounterKey{Netns: netns, Rule: r}, &per)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		for _, v := range per {
+			out[r] += v
+		}
+	}
+	return out, nil
 }

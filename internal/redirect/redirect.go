@@ -24,10 +24,11 @@ import (
 	"github.com/ebpf-redirect/ebpf-redirect/internal/podnet"
 )
 
-// Options says where the pins live and what the rules are.
+// Options says where the pins live, what the rules are, and how to attach.
 type Options struct {
 	Root   string // a directory on bpffs; DefaultRoot if empty
 	Config config.Config
+	TCMode TCMode // "" means TCAuto
 	Log    *slog.Logger
 }
 
@@ -46,6 +47,16 @@ type Pod struct {
 	ProxyCgroup string // the proxy's cgroup v2 directory (for SO_ORIGINAL_DST); optional
 }
 
+// Result says what Attach did.
+type Result struct {
+	// AlreadyAttached: the pod was attached, with the same netns and cgroups,
+	// and healthy; nothing was done.
+	AlreadyAttached bool
+	// Repaired: debris of an earlier, interrupted or broken attach of this pod
+	// was removed first.
+	Repaired bool
+}
+
 // ErrAlreadyAttached and ErrNotAttached let callers tell these apart.
 var (
 	ErrAlreadyAttached = errors.New("already attached")
@@ -54,14 +65,39 @@ var (
 
 // FaultEnv names an environment variable for tests: set to a step name
 // ("maps", "route", "tc", "cgroup", "proxy", "done") it makes Attach fail just
-// before that step, to prove the unwinding leaves nothing behind.
-const FaultEnv = "EBPF_REDIRECT_FAULT_BEFORE"
-
-func faultBefore(step string) bool { return os.Getenv(FaultEnv) == step }
+// before that step, to prove the unwinding leaves nothing behind. CrashEnv
+// does the same with SIGKILL, to prove Reconcile cleans up after a crash.
+const (
+	FaultEnv = "EBPF_REDIRECT_FAULT_BEFORE"
+	CrashEnv = "EBPF_REDIRECT_CRASH_BEFORE"
+)
 
 // sysctlAcceptLocal lets lo accept the replies the egress program sends back
 // in with a local source address (the 0x111 return path).
 const sysctlAcceptLocal = "net.ipv4.conf.lo.accept_local"
+
+// cgroupHooks are the pod's cgroup programs, by pin name.
+var cgroupHooks = []struct {
+	pin    string
+	attach ebpf.AttachType
+	prog   func(*datapath.Datapath) *ebpf.Program
+}{
+	{"cgroup_connect4", ebpf.AttachCGroupInet4Connect, func(d *datapath.Datapath) *ebpf.Program { return d.PodConnect4 }},
+	{"cgroup_getpeername4", ebpf.AttachCgroupInet4GetPeername, func(d *datapath.Datapath) *ebpf.Program { return d.PodGetpeername4 }},
+	{"cgroup_connect6", ebpf.AttachCGroupInet6Connect, func(d *datapath.Datapath) *ebpf.Program { return d.PodConnect6 }},
+	{"cgroup_getpeername6", ebpf.AttachCgroupInet6GetPeername, func(d *datapath.Datapath) *ebpf.Program { return d.PodGetpeername6 }},
+	{"cgroup_sockops", ebpf.AttachCGroupSockOps, func(d *datapath.Datapath) *ebpf.Program { return d.PodSockops }},
+	// Refuses new inbound connections that arrive on an interface without the
+	// tc programs (added after attach, not yet refreshed): fail closed.
+	{"cgroup_skb_ingress", ebpf.AttachCGroupInetIngress, func(d *datapath.Datapath) *ebpf.Program { return d.PodSockIngress }},
+}
+
+func tcProg(d *datapath.Datapath, ingress bool) *ebpf.Program {
+	if ingress {
+		return d.PodIngress
+	}
+	return d.PodEgress
+}
 
 func ip4(a netip.Addr) uint32 {
 	b := a.As4()
@@ -72,93 +108,134 @@ func (o Options) route() podnet.PolicyRoute {
 	return podnet.PolicyRoute{Mark: o.Config.ConnMark, Mask: o.Config.MarkMask, Table: o.Config.RouteTable, Priority: o.Config.RulePriority}
 }
 
-// Attach captures one pod. Either everything is attached and pinned, or
-// nothing is (every step done is undone on failure), and no other pod is
-// touched.
-func Attach(ctx context.Context, o Options, p Pod) (err error) {
+// resolved is a Pod whose paths were checked and named by their kernel ids.
+type resolved struct {
+	Pod
+	ns     netns.NsHandle
+	cookie uint64
+	cg     cgroup.Cgroup
+	pcg    cgroup.Cgroup
+	info   podnet.Info
+}
+
+func resolve(p Pod) (*resolved, error) {
 	if err := ValidatePodID(p.ID); err != nil {
-		return err
-	}
-	if err := o.Config.Validate(); err != nil {
-		return fmt.Errorf("config: %w", err)
+		return nil, err
 	}
 	ns, err := podnet.Open(p.Netns)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer ns.Close()
-	cg, err := cgroup.Open(p.Cgroup)
-	if err != nil {
-		return err
+	r := &resolved{Pod: p, ns: ns}
+	fail := func(err error) (*resolved, error) { ns.Close(); return nil, err }
+	if r.cg, err = cgroup.Open(p.Cgroup); err != nil {
+		return fail(err)
 	}
-	var pcg cgroup.Cgroup
 	if p.ProxyCgroup != "" {
-		if pcg, err = cgroup.Open(p.ProxyCgroup); err != nil {
-			return fmt.Errorf("proxy %w", err)
+		if r.pcg, err = cgroup.Open(p.ProxyCgroup); err != nil {
+			return fail(fmt.Errorf("proxy %w", err))
 		}
-		if pcg.ID == cg.ID {
-			return fmt.Errorf("proxy cgroup %s is the pod's cgroup; the proxy must run outside the pod's cgroup", p.ProxyCgroup)
+		if r.pcg.ID == r.cg.ID {
+			return fail(fmt.Errorf("proxy cgroup %s is the pod's cgroup; the proxy must run outside the pod's cgroup", p.ProxyCgroup))
 		}
 	}
-	cookie, err := podnet.Cookie(ns)
-	if err != nil {
-		return err
+	if r.cookie, err = podnet.Cookie(ns); err != nil {
+		return fail(err)
 	}
-	info, err := podnet.Inspect(ns)
-	if err != nil {
-		return err
+	if r.info, err = podnet.Inspect(ns); err != nil {
+		return fail(err)
 	}
-	if len(info.Ifaces) == 0 {
-		return fmt.Errorf("netns %s has no interface besides lo to attach to", p.Netns)
+	if len(r.info.Ifaces) == 0 {
+		return fail(fmt.Errorf("netns %s has no interface besides lo to attach to", p.Netns))
 	}
+	return r, nil
+}
 
+func (r *resolved) same(rec *Record) bool {
+	return rec.NetnsCookie == r.cookie && rec.CgroupID == r.cg.ID && rec.ProxyCgroupID == r.pcg.ID
+}
+
+// Attach captures one pod. Either everything is attached and pinned, or
+// nothing is (every step done is undone on failure), and no other pod is
+// touched. Attaching an attached pod with the same netns and cgroups is a
+// no-op (Result.AlreadyAttached); with different ones it is an error.
+func Attach(ctx context.Context, o Options, p Pod) (Result, error) {
+	if err := o.Config.Validate(); err != nil {
+		return Result{}, fmt.Errorf("config: %w", err)
+	}
+	r, err := resolve(p)
+	if err != nil {
+		return Result{}, err
+	}
+	defer r.ns.Close()
 	s, err := openStore(o.Root)
 	if err != nil {
-		return err
+		return Result{}, err
 	}
 	defer s.Close()
+	return attachLocked(ctx, o, s, r)
+}
 
-	existing, err := s.all()
-	if err != nil {
-		return err
+func attachLocked(ctx context.Context, o Options, s *store, r *resolved) (res Result, err error) {
+	p := r.Pod
+	if old, err := s.get(p.ID); err != nil {
+		return res, err
+	} else if old != nil {
+		if !r.same(old) {
+			return res, fmt.Errorf("pod %s: %w with netns %s and cgroup %s; detach it before attaching it elsewhere", p.ID, ErrAlreadyAttached, old.Netns, old.Cgroup)
+		}
+		if old.State == stateAttached && health(s, old) == nil {
+			return Result{AlreadyAttached: true}, nil
+		}
+		// Half attached (a crash) or broken: start again from nothing.
+		o.log().Warn("repairing pod", "pod", p.ID, "state", old.State, "problem", health(s, old))
+		if err := detachLocked(o, s, old); err != nil {
+			return res, fmt.Errorf("pod %s: removing a broken attach: %w", p.ID, err)
+		}
+		res.Repaired = true
 	}
-	for _, r := range existing {
-		switch {
-		case r.ID == p.ID:
-			return fmt.Errorf("pod %s: %w (netns %s, cgroup %s); detach it first", p.ID, ErrAlreadyAttached, r.Netns, r.Cgroup)
-		case r.NetnsCookie == cookie:
-			return fmt.Errorf("netns %s is already attached as pod %s", p.Netns, r.ID)
-		case r.CgroupID == cg.ID:
-			return fmt.Errorf("cgroup %s is already attached as pod %s", p.Cgroup, r.ID)
+	for _, c := range []struct {
+		kind uint64
+		id   uint64
+		what string
+	}{{ownerNetns, r.cookie, "netns " + p.Netns}, {ownerCgroup, r.cg.ID, "cgroup " + p.Cgroup}} {
+		if other, err := s.owner(c.kind, c.id); err != nil {
+			return res, err
+		} else if other != "" && other != p.ID {
+			return res, fmt.Errorf("%s is already attached as pod %s", c.what, other)
 		}
 	}
 	if _, err := os.Stat(s.podDir(p.ID)); err == nil {
-		return fmt.Errorf("pod %s: %w: debris of an interrupted attach in %s; run detach first", p.ID, ErrAlreadyAttached, s.podDir(p.ID))
+		// Links pinned without a record cannot come from Attach (the record
+		// goes first); clear them rather than fail forever.
+		if err := removeLinks(s.podDir(p.ID)); err != nil {
+			return res, err
+		}
 	}
 	if err := ctx.Err(); err != nil {
-		return err
+		return res, err
 	}
-	dp, err := s.datapath(&o.Config)
+	dp, err := s.datapath(&o.Config, o.log())
 	if err != nil {
-		return err
+		return res, err
 	}
 
 	rec := &Record{
 		ID: p.ID, State: stateAttaching, Netns: p.Netns, Cgroup: p.Cgroup, ProxyCgroup: p.ProxyCgroup,
-		NetnsCookie: cookie, CgroupID: cg.ID, ProxyCgroupID: pcg.ID, AttachedAt: time.Now().UTC(),
+		NetnsCookie: r.cookie, CgroupID: r.cg.ID, ProxyCgroupID: r.pcg.ID, AttachedAt: time.Now().UTC(),
 		Route: o.route(),
 	}
-	if info.PodIP.IsValid() {
-		rec.PodIP = info.PodIP.String()
+	if r.info.PodIP.IsValid() {
+		rec.PodIP = r.info.PodIP.String()
 	}
-	for _, ifc := range info.Ifaces {
-		r := Iface{Index: ifc.Index, Name: ifc.Name}
+	for _, ifc := range r.info.Ifaces {
+		x := Iface{Index: ifc.Index, Name: ifc.Name}
 		if len(ifc.Addrs) > 0 {
-			r.Primary = ifc.Addrs[0].String()
+			x.Primary = ifc.Addrs[0].String()
 		}
-		rec.Ifaces = append(rec.Ifaces, r)
+		rec.Ifaces = append(rec.Ifaces, x)
 	}
-	for _, a := range info.Local {
+	for _, a := range r.info.Local {
 		rec.Local = append(rec.Local, a.String())
 	}
 
@@ -183,129 +260,149 @@ func Attach(ctx context.Context, o Options, p Pod) (err error) {
 			return fmt.Errorf("interrupted before %s: %w", name, cerr)
 		}
 		o.log().Debug("attach step", "pod", p.ID, "step", name)
-		if faultBefore(name) {
+		injectCrash(name)
+		if os.Getenv(FaultEnv) == name {
 			return fmt.Errorf("injected fault before %s (%s)", name, FaultEnv)
 		}
 		return nil
 	}
 
 	// The record goes first so that a process killed half way leaves a trace
-	// that detach can follow.
+	// that detach and reconcile can follow; then it is rewritten after each
+	// step that creates something it must know about.
 	if err = s.put(rec); err != nil {
-		return fmt.Errorf("recording pod %s: %w", p.ID, err)
+		return res, fmt.Errorf("recording pod %s: %w", p.ID, err)
 	}
 	undo = append(undo, func() error { return s.del(p.ID) })
+	for _, c := range []struct{ kind, id uint64 }{{ownerNetns, r.cookie}, {ownerCgroup, r.cg.ID}} {
+		if err = s.setOwner(c.kind, c.id, p.ID); err != nil {
+			return res, err
+		}
+		c := c
+		undo = append(undo, func() error { return s.dropOwner(c.kind, c.id, p.ID) })
+	}
 
 	if err = step("maps"); err != nil {
-		return err
+		return res, err
 	}
 	undo = append(undo, func() error { return deleteEntries(dp, rec) })
-	if err = putEntries(dp, rec, info); err != nil {
-		return err
+	if err = putEntries(dp, rec, r.info); err != nil {
+		return res, err
 	}
 
 	if err = step("route"); err != nil {
-		return err
+		return res, err
 	}
-	if rec.RuleCreated, rec.RouteCreated, err = rec.Route.Install(ns); err != nil {
-		return err
+	if rec.RuleCreated, rec.RouteCreated, err = rec.Route.Install(r.ns); err != nil {
+		return res, err
 	}
-	undo = append(undo, func() error { return rec.Route.Remove(ns, rec.RuleCreated, rec.RouteCreated) })
-	if rec.AcceptLocal, err = podnet.SetSysctl(ns, sysctlAcceptLocal, "1"); err != nil {
-		return err
+	undo = append(undo, func() error { return rec.Route.Remove(r.ns, rec.RuleCreated, rec.RouteCreated) })
+	if rec.AcceptLocal, err = podnet.SetSysctl(r.ns, sysctlAcceptLocal, "1"); err != nil {
+		return res, err
 	}
-	undo = append(undo, func() error { _, err := podnet.SetSysctl(ns, sysctlAcceptLocal, rec.AcceptLocal); return err })
+	undo = append(undo, func() error { _, err := podnet.SetSysctl(r.ns, sysctlAcceptLocal, rec.AcceptLocal); return err })
 	if err = s.put(rec); err != nil {
-		return err
+		return res, err
 	}
 
 	dir := s.podDir(p.ID)
 	if err = os.MkdirAll(dir, 0o700); err != nil {
-		return err
+		return res, err
 	}
 	undo = append(undo, func() error { return removeLinks(dir) })
 
 	if err = step("tc"); err != nil {
-		return err
+		return res, err
 	}
 	for _, ifc := range rec.Ifaces {
-		for _, h := range []struct {
-			name   string
-			prog   *ebpf.Program
-			attach ebpf.AttachType
-		}{{"ingress", dp.PodIngress, ebpf.AttachTCXIngress}, {"egress", dp.PodEgress, ebpf.AttachTCXEgress}} {
-			var l link.Link
-			// AttachTCX resolves the ifindex in the calling thread's netns.
-			err = podnet.Do(ns, func() error {
-				var aerr error
-				l, aerr = link.AttachTCX(link.TCXOptions{Interface: ifc.Index, Program: h.prog, Attach: h.attach})
-				return aerr
-			})
+		for _, ingress := range []bool{true, false} {
+			var a TCAttachment
+			a, err = attachTC(r.ns, o.TCMode, TCAttachment{Ifindex: ifc.Index, Iface: ifc.Name, Ingress: ingress}, tcProg(dp, ingress), dir)
 			if err != nil {
-				return fmt.Errorf("attaching tcx %s on %s: %w", h.name, ifc.Name, err)
+				return res, err
 			}
-			err = pinLink(l, filepath.Join(dir, fmt.Sprintf("tcx_%s_%d", h.name, ifc.Index)))
-			if err != nil {
-				return err
+			rec.TC = append(rec.TC, a)
+			undo = append(undo, func() error { return detachTC(r.ns, a, dir) })
+			if err = s.put(rec); err != nil {
+				return res, err
 			}
 		}
 	}
 
 	if err = step("cgroup"); err != nil {
-		return err
+		return res, err
 	}
-	for _, h := range []struct {
-		name   string
-		prog   *ebpf.Program
-		attach ebpf.AttachType
-	}{
-		{"cgroup_connect4", dp.PodConnect4, ebpf.AttachCGroupInet4Connect},
-		{"cgroup_getpeername4", dp.PodGetpeername4, ebpf.AttachCgroupInet4GetPeername},
-		{"cgroup_connect6", dp.PodConnect6, ebpf.AttachCGroupInet6Connect},
-		{"cgroup_getpeername6", dp.PodGetpeername6, ebpf.AttachCgroupInet6GetPeername},
-		{"cgroup_sockops", dp.PodSockops, ebpf.AttachCGroupSockOps},
-		{"cgroup_skb_ingress", dp.PodSockIngress, ebpf.AttachCGroupInetIngress},
-	} {
+	for _, h := range cgroupHooks {
 		var l link.Link
-		l, err = link.AttachCgroup(link.CgroupOptions{Path: cg.Path, Attach: h.attach, Program: h.prog})
+		l, err = link.AttachCgroup(link.CgroupOptions{Path: r.cg.Path, Attach: h.attach, Program: h.prog(dp)})
 		if err != nil {
-			return fmt.Errorf("attaching %s to %s: %w", h.name, cg.Path, err)
+			return res, fmt.Errorf("attaching %s to %s: %w", h.pin, r.cg.Path, err)
 		}
-		if err = pinLink(l, filepath.Join(dir, h.name)); err != nil {
-			return err
+		if err = pinLink(l, filepath.Join(dir, h.pin)); err != nil {
+			return res, err
 		}
 	}
 
-	if pcg.ID != 0 {
+	if r.pcg.ID != 0 {
 		if err = step("proxy"); err != nil {
-			return err
+			return res, err
 		}
-		pin := s.proxyPin(pcg.ID)
-		if _, serr := os.Stat(pin); serr != nil {
-			if err = os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
-				return err
-			}
-			var l link.Link
-			l, err = link.AttachCgroup(link.CgroupOptions{Path: pcg.Path, Attach: ebpf.AttachCGroupGetsockopt, Program: dp.ProxyGetsockopt})
-			if err != nil {
-				return fmt.Errorf("attaching getsockopt to the proxy cgroup %s: %w", pcg.Path, err)
-			}
-			if err = pinLink(l, pin); err != nil {
-				return err
-			}
-			undo = append(undo, func() error { return removeLinks(filepath.Dir(pin)) })
+		if err = attachProxy(s, dp, r.pcg); err != nil {
+			return res, err
+		}
+		undo = append(undo, func() error { return releaseProxy(s, r.pcg.ID) })
+		rec.ProxyCounted = true
+		if err = s.put(rec); err != nil {
+			return res, err
 		}
 	}
 
 	if err = step("done"); err != nil {
-		return err
+		return res, err
 	}
 	rec.State = stateAttached
 	if err = s.put(rec); err != nil {
+		return res, err
+	}
+	o.log().Info("attached", "pod", p.ID, "netns", p.Netns, "cgroup", p.Cgroup, "ifaces", len(rec.Ifaces), "pod_ip", rec.PodIP, "tc", rec.TC[0].Mode)
+	return res, nil
+}
+
+func injectCrash(step string) {
+	if os.Getenv(CrashEnv) == step {
+		p, _ := os.FindProcess(os.Getpid())
+		_ = p.Kill() // SIGKILL: no deferred cleanup runs, as in a real crash
+		select {}
+	}
+}
+
+// attachProxy attaches the SO_ORIGINAL_DST program at the proxy's cgroup once,
+// and counts the pods that use it.
+func attachProxy(s *store, dp *datapath.Datapath, pcg cgroup.Cgroup) error {
+	pin := s.proxyPin(pcg.ID)
+	if _, err := os.Stat(pin); err != nil {
+		if err := os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
+			return err
+		}
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: pcg.Path, Attach: ebpf.AttachCGroupGetsockopt, Program: dp.ProxyGetsockopt})
+		if err != nil {
+			return fmt.Errorf("attaching getsockopt to the proxy cgroup %s: %w", pcg.Path, err)
+		}
+		if err := pinLink(l, pin); err != nil {
+			return err
+		}
+	}
+	_, err := s.proxyRefs(pcg.ID, 1)
+	return err
+}
+
+// releaseProxy drops one pod's use of the proxy link, removing it with the last.
+func releaseProxy(s *store, cgroupID uint64) error {
+	n, err := s.proxyRefs(cgroupID, -1)
+	if err != nil || n > 0 {
 		return err
 	}
-	o.log().Info("attached", "pod", p.ID, "netns", p.Netns, "cgroup", p.Cgroup, "ifaces", len(rec.Ifaces), "pod_ip", rec.PodIP)
-	return nil
+	return removeLinks(filepath.Dir(s.proxyPin(cgroupID)))
 }
 
 func pinLink(l link.Link, path string) error {
@@ -328,23 +425,15 @@ func removeLinks(dir string) error {
 	}
 	var errs []error
 	for _, e := range ents {
-		path := filepath.Join(dir, e.Name())
-		l, err := link.LoadPinnedLink(path, nil)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("opening %s: %w", path, err))
-			continue
-		}
-		if err := l.Unpin(); err != nil {
-			errs = append(errs, err)
-		}
-		l.Close() // last reference: the kernel detaches it
+		errs = append(errs, unpinLink(filepath.Join(dir, e.Name())))
 	}
-	if len(errs) == 0 {
-		if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, err)
-		}
+	if err := errors.Join(errs...); err != nil {
+		return err
 	}
-	return errors.Join(errs...)
+	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
 }
 
 func putEntries(dp *datapath.Datapath, r *Record, info podnet.Info) error {
@@ -373,6 +462,8 @@ func putEntries(dp *datapath.Datapath, r *Record, info podnet.Info) error {
 	return nil
 }
 
+// deleteEntries removes every map entry of the pod: its config, and its flows
+// and counters (keyed by its netns cookie, which the kernel never reuses).
 func deleteEntries(dp *datapath.Datapath, r *Record) error {
 	var errs []error
 	del := func(m *ebpf.Map, k any) {
@@ -387,6 +478,23 @@ func deleteEntries(dp *datapath.Datapath, r *Record) error {
 	for _, s := range r.Local {
 		if a, err := netip.ParseAddr(s); err == nil {
 			del(dp.LocalAddrs, datapath.LocalKey{Netns: r.NetnsCookie, Addr: ip4(a)})
+		}
+	}
+	for rule := datapath.Rule(0); rule < datapath.RuleMax; rule++ {
+		del(dp.Counters, datapath.CounterKey{Netns: r.NetnsCookie, Rule: rule})
+	}
+	for _, m := range []*ebpf.Map{dp.InFlows, dp.OutFlows} {
+		var k datapath.FlowKey
+		var v []byte
+		var keys []datapath.FlowKey
+		it := m.Iterate()
+		for it.Next(&k, &v) {
+			if k.Netns == r.NetnsCookie {
+				keys = append(keys, k)
+			}
+		}
+		for _, k := range keys {
+			del(m, k)
 		}
 	}
 	return errors.Join(errs...)
@@ -409,48 +517,67 @@ func Detach(ctx context.Context, o Options, id string) error {
 	}
 	if r == nil {
 		if _, serr := os.Stat(s.podDir(id)); serr == nil {
-			// Links without a record: an attach that died before writing
-			// it cannot happen (the record goes first), but clean it anyway.
 			return removeLinks(s.podDir(id))
 		}
 		return fmt.Errorf("pod %s: %w", id, ErrNotAttached)
 	}
+	if err := detachLocked(o, s, r); err != nil {
+		return err
+	}
+	return s.pruneIfEmpty(o.log())
+}
+
+// detachLocked undoes what the record says was done; parts already gone (the
+// netns deleted, the cgroup removed) are skipped. The record goes last, so a
+// detach that fails can be retried.
+func detachLocked(o Options, s *store, r *Record) error {
 	var errs []error
-	// Links first: from here on nothing new is captured.
-	if err := removeLinks(s.podDir(id)); err != nil {
-		errs = append(errs, err)
-	}
-	if ns, nerr := podnet.Open(r.Netns); nerr == nil {
-		// Only if the path still names the same namespace.
-		if c, cerr := podnet.Cookie(ns); cerr == nil && c == r.NetnsCookie {
-			errs = append(errs, undoNetns(ns, r))
+	dir := s.podDir(r.ID)
+	// The netns, if the path still names the same one.
+	ns := netns.NsHandle(-1)
+	if h, err := podnet.Open(r.Netns); err == nil {
+		if c, cerr := podnet.Cookie(h); cerr == nil && c == r.NetnsCookie {
+			ns = h
+		} else {
+			h.Close()
 		}
-		ns.Close()
 	}
-	if d, derr := s.datapath(nil); derr == nil {
+	defer func() {
+		if ns >= 0 {
+			ns.Close()
+		}
+	}()
+	// Links first: from here on nothing new is captured.
+	for _, a := range r.TC {
+		errs = append(errs, detachTC(ns, a, dir))
+	}
+	errs = append(errs, removeLinks(dir))
+	if ns >= 0 {
+		errs = append(errs, undoNetns(ns, r))
+	}
+	if d, derr := s.datapath(nil, o.log()); derr == nil {
 		errs = append(errs, deleteEntries(d, r))
-	} else {
+	} else if !errors.Is(derr, os.ErrNotExist) {
 		errs = append(errs, derr)
 	}
-	if r.ProxyCgroupID != 0 {
-		others, aerr := s.all()
-		errs = append(errs, aerr)
-		used := false
-		for _, x := range others {
-			used = used || (x.ID != id && x.ProxyCgroupID == r.ProxyCgroupID)
-		}
-		if !used {
+	if r.ProxyCounted {
+		errs = append(errs, releaseProxy(s, r.ProxyCgroupID))
+	} else if r.ProxyCgroupID != 0 {
+		// An attach killed between attaching the proxy link and counting
+		// itself: the link goes if no pod counts on it.
+		if n, err := s.proxyRefs(r.ProxyCgroupID, 0); err == nil && n == 0 {
 			errs = append(errs, removeLinks(filepath.Dir(s.proxyPin(r.ProxyCgroupID))))
 		}
 	}
+	errs = append(errs, s.dropOwner(ownerNetns, r.NetnsCookie, r.ID), s.dropOwner(ownerCgroup, r.CgroupID, r.ID))
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("detaching pod %s: %w", id, err)
+		return fmt.Errorf("detaching pod %s: %w", r.ID, err)
 	}
-	if err := s.del(id); err != nil {
+	if err := s.del(r.ID); err != nil {
 		return err
 	}
-	o.log().Info("detached", "pod", id)
-	return s.pruneIfEmpty(o.log())
+	o.log().Info("detached", "pod", r.ID)
+	return nil
 }
 
 func undoNetns(ns netns.NsHandle, r *Record) error {
@@ -461,14 +588,4 @@ func undoNetns(ns netns.NsHandle, r *Record) error {
 		}
 	}
 	return err
-}
-
-// List returns the records of every attached pod.
-func List(o Options) ([]*Record, error) {
-	s, err := openStore(o.Root)
-	if err != nil {
-		return nil, err
-	}
-	defer s.Close()
-	return s.all()
 }

@@ -1,6 +1,7 @@
 package redirect
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -26,13 +27,15 @@ const DefaultRoot = "/sys/fs/bpf/ebpf-redirect"
 //
 //	dp/                    the shared programs and maps (datapath.Pin)
 //	pod_meta               map: pod id -> JSON record of what was attached
+//	pod_owners             map: netns cookie / cgroup id -> pod id, proxy refcounts
 //	pods/<id>/<hook>       the pod's links
 //	proxy/<cgroup id>/     the link at the proxy's cgroup, shared by its pods
 const (
-	dpDir    = "dp"
-	metaPin  = "pod_meta"
-	podsDir  = "pods"
-	proxyDir = "proxy"
+	dpDir     = "dp"
+	metaPin   = "pod_meta"
+	ownersPin = "pod_owners"
+	podsDir   = "pods"
+	proxyDir  = "proxy"
 
 	maxPodID    = 63
 	metaKeySize = 64
@@ -72,6 +75,8 @@ type Record struct {
 	RuleCreated   bool               `json:"rule_created"`
 	RouteCreated  bool               `json:"route_created"`
 	AcceptLocal   string             `json:"accept_local_before,omitempty"`
+	ProxyCounted  bool               `json:"proxy_counted,omitempty"`
+	TC            []TCAttachment     `json:"tc"`
 	AttachedAt    time.Time          `json:"attached_at"`
 }
 
@@ -89,10 +94,11 @@ const (
 
 // store is the pinned state under one root, held under an exclusive lock.
 type store struct {
-	root string
-	lock *os.File
-	meta *ebpf.Map
-	dp   *datapath.Datapath
+	root   string
+	lock   *os.File
+	meta   *ebpf.Map
+	owners *ebpf.Map
+	dp     *datapath.Datapath
 }
 
 // openStore checks the root is on bpffs, takes the lock, and opens (or
@@ -127,14 +133,18 @@ func openStore(root string) (*store, error) {
 		return nil, fmt.Errorf("locking %s: %w", root, err)
 	}
 	s := &store{root: root, lock: lock}
-	if s.meta, err = openMeta(filepath.Join(root, metaPin)); err != nil {
+	if s.meta, err = openOrCreateMap(filepath.Join(root, metaPin), "erd_pod_meta", metaKeySize, metaValSize); err != nil {
+		s.Close()
+		return nil, err
+	}
+	if s.owners, err = openOrCreateMap(filepath.Join(root, ownersPin), "erd_pod_owners", ownerKeySize, metaKeySize); err != nil {
 		s.Close()
 		return nil, err
 	}
 	return s, nil
 }
 
-func openMeta(path string) (*ebpf.Map, error) {
+func openOrCreateMap(path, name string, keySize, valueSize uint32) (*ebpf.Map, error) {
 	m, err := ebpf.LoadPinnedMap(path, nil)
 	if err == nil {
 		return m, nil
@@ -143,15 +153,15 @@ func openMeta(path string) (*ebpf.Map, error) {
 		return nil, fmt.Errorf("opening %s: %w", path, err)
 	}
 	m, err = ebpf.NewMap(&ebpf.MapSpec{
-		Name:       "erd_pod_meta",
+		Name:       name,
 		Type:       ebpf.Hash,
-		KeySize:    metaKeySize,
-		ValueSize:  metaValSize,
+		KeySize:    keySize,
+		ValueSize:  valueSize,
 		MaxEntries: 65536,
 		Flags:      unix.BPF_F_NO_PREALLOC,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("creating the pod metadata map: %w", err)
+		return nil, fmt.Errorf("creating map %s: %w", name, err)
 	}
 	if err := m.Pin(path); err != nil {
 		m.Close()
@@ -161,19 +171,34 @@ func openMeta(path string) (*ebpf.Map, error) {
 }
 
 // datapath opens the pinned programs, loading and pinning them the first time.
-// With cfg nil it only opens what is pinned, whatever its config.
-func (s *store) datapath(cfg *config.Config) (*datapath.Datapath, error) {
+// With cfg nil it only opens what is pinned, whatever its config (and returns
+// an error wrapping os.ErrNotExist if nothing is). Pinned programs of another
+// version than this binary's are upgraded in place (see upgrade).
+func (s *store) datapath(cfg *config.Config, log *slog.Logger) (*datapath.Datapath, error) {
 	if s.dp != nil {
 		return s.dp, nil
 	}
 	dir := filepath.Join(s.root, dpDir)
-	var err error
 	if _, statErr := os.Stat(dir); statErr == nil {
-		s.dp, err = datapath.LoadPinned(dir, cfg)
-		return s.dp, err
+		dp, err := datapath.LoadPinned(dir, cfg)
+		if err != nil {
+			return nil, err
+		}
+		s.dp = dp
+		if cfg == nil {
+			return dp, nil
+		}
+		v, err := dp.PinnedVersion()
+		if err != nil || v != datapath.Version() {
+			log.Info("pinned programs are of another version; upgrading", "pinned", v, "new", datapath.Version())
+			if err := s.upgrade(*cfg, log); err != nil {
+				return nil, fmt.Errorf("upgrading the pinned programs from %s to %s: %w", v, datapath.Version(), err)
+			}
+		}
+		return s.dp, nil
 	}
 	if cfg == nil {
-		return nil, fmt.Errorf("no datapath pinned in %s", dir)
+		return nil, fmt.Errorf("no datapath pinned in %s: %w", dir, os.ErrNotExist)
 	}
 	dp, err := datapath.Load(*cfg)
 	if err != nil {
@@ -262,6 +287,89 @@ func (s *store) all() ([]*Record, error) {
 
 // podDir is where the pod's links are pinned. bpffs rejects names containing
 // a dot, so dots in the id become '~' (which ids cannot contain).
+// Owner kinds: which pod holds a netns or a cgroup, and how many pods share a
+// proxy cgroup's link. An index, so that attach and detach cost the same at
+// the 1000th pod as at the 2nd (no scan of every record).
+const (
+	ownerNetns uint64 = iota + 1
+	ownerCgroup
+	ownerProxy
+	ownerKeySize = 16
+)
+
+func ownerKey(kind, id uint64) []byte {
+	k := make([]byte, ownerKeySize)
+	binary.NativeEndian.PutUint64(k, kind)
+	binary.NativeEndian.PutUint64(k[8:], id)
+	return k
+}
+
+// owner returns the pod id holding (kind, id), or "".
+func (s *store) owner(kind, id uint64) (string, error) {
+	v := make([]byte, metaKeySize)
+	err := s.owners.Lookup(ownerKey(kind, id), &v)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	if i := indexZero(v); i >= 0 {
+		v = v[:i]
+	}
+	return string(v), nil
+}
+
+func (s *store) setOwner(kind, id uint64, pod string) error {
+	return s.owners.Put(ownerKey(kind, id), metaKey(pod))
+}
+
+// dropOwner removes (kind, id) if pod holds it.
+func (s *store) dropOwner(kind, id uint64, pod string) error {
+	cur, err := s.owner(kind, id)
+	if err != nil || cur != pod {
+		return err
+	}
+	err = s.owners.Delete(ownerKey(kind, id))
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil
+	}
+	return err
+}
+
+// proxyRefs adds delta to the number of pods using a proxy cgroup's link and
+// returns the new count.
+func (s *store) proxyRefs(cgroupID uint64, delta int64) (int64, error) {
+	k := ownerKey(ownerProxy, cgroupID)
+	v := make([]byte, metaKeySize)
+	var n int64
+	if err := s.owners.Lookup(k, &v); err == nil {
+		n = int64(binary.NativeEndian.Uint64(v))
+	} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return 0, err
+	}
+	n += delta
+	if n <= 0 {
+		if err := s.owners.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return 0, err
+		}
+		return 0, nil
+	}
+	v = make([]byte, metaKeySize)
+	binary.NativeEndian.PutUint64(v, uint64(n))
+	return n, s.owners.Put(k, v)
+}
+
+// empty reports whether no pod is recorded (without reading every record).
+func (s *store) empty() (bool, error) {
+	k := make([]byte, metaKeySize)
+	err := s.meta.NextKey(nil, &k)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return true, nil
+	}
+	return false, err
+}
+
 func (s *store) podDir(id string) string {
 	return filepath.Join(s.root, podsDir, strings.ReplaceAll(id, ".", "~"))
 }
@@ -278,6 +386,9 @@ func (s *store) Close() {
 	if s.meta != nil {
 		s.meta.Close()
 	}
+	if s.owners != nil {
+		s.owners.Close()
+	}
 	if s.lock != nil {
 		s.lock.Close() // drops the flock
 	}
@@ -286,8 +397,7 @@ func (s *store) Close() {
 // pruneIfEmpty removes the shared programs and maps once no pod uses them, so
 // that detaching the last pod leaves nothing of ours in the kernel.
 func (s *store) pruneIfEmpty(log *slog.Logger) error {
-	recs, err := s.all()
-	if err != nil || len(recs) > 0 {
+	if empty, err := s.empty(); err != nil || !empty {
 		return err
 	}
 	if s.dp != nil {
@@ -305,7 +415,7 @@ func (s *store) pruneIfEmpty(log *slog.Logger) error {
 		// Programs and maps are released when their last pin goes.
 		errs = append(errs, os.RemoveAll(dir))
 	}
-	errs = append(errs, os.Remove(filepath.Join(s.root, metaPin)))
+	errs = append(errs, os.Remove(filepath.Join(s.root, metaPin)), os.Remove(filepath.Join(s.root, ownersPin)))
 	log.Info("no pods left; unloaded the datapath", "root", s.root)
 	return errors.Join(errs...)
 }

@@ -32,13 +32,41 @@ func MaybeRunRole() {
 	os.Exit(runAgent(role, os.Stdin, os.Stdout))
 }
 
-// agent is one running role.
+// Handler serves the commands of one role. The built-in roles are one; RegisterRole
+// adds others.
+type Handler interface {
+	// Handle answers one command; commands are handled concurrently.
+	Handle(cmd Command) Response
+	// Close is called once the harness has closed the agent's stdin.
+	Close()
+}
+
+var (
+	rolesMu sync.Mutex
+	roles   = map[string]func() Handler{}
+)
+
+// RegisterRole adds a role defined outside this package: MaybeRunRole runs it when
+// EBPF_REDIRECT_ROLE names it, Start launches it like a built-in one, and Agent.Call
+// talks to it (Command.Args and Response.Result carry the role's own payloads). Call
+// it from an init function of a package linked into the re-executed binary.
+func RegisterRole(name string, newHandler func() Handler) {
+	rolesMu.Lock()
+	defer rolesMu.Unlock()
+	switch name {
+	case RoleProxy, RoleApp, RolePeer:
+		panic("standin: role " + name + " is built in")
+	}
+	if _, dup := roles[name]; dup {
+		panic("standin: role " + name + " registered twice")
+	}
+	roles[name] = newHandler
+}
+
+// agent is one running built-in role.
 type agent struct {
 	role string
 	log  *slog.Logger
-
-	outMu sync.Mutex
-	out   *json.Encoder
 
 	mu          sync.Mutex
 	proxyEvs    []ProxyEvent
@@ -52,54 +80,73 @@ type agent struct {
 }
 
 func runAgent(role string, in io.Reader, out io.Writer) int {
+	var h Handler
 	switch role {
 	case RoleProxy, RoleApp, RolePeer:
+		h = &agent{
+			role:   role,
+			log:    slog.New(slog.NewTextHandler(os.Stderr, nil)).With("role", role, "pid", os.Getpid()),
+			counts: map[string]int{},
+		}
+		raiseFileLimit()
 	default:
-		fmt.Fprintf(os.Stderr, "unknown %s %q\n", RoleEnv, role)
-		return 2
+		rolesMu.Lock()
+		newHandler := roles[role]
+		rolesMu.Unlock()
+		if newHandler == nil {
+			fmt.Fprintf(os.Stderr, "unknown %s %q\n", RoleEnv, role)
+			return 2
+		}
+		h = newHandler()
 	}
-	a := &agent{
-		role:   role,
-		log:    slog.New(slog.NewTextHandler(os.Stderr, nil)).With("role", role, "pid", os.Getpid()),
-		out:    json.NewEncoder(out),
-		counts: map[string]int{},
+	serve(h, in, out)
+	return 0
+}
+
+// serve greets the harness, answers every command line until stdin closes, then
+// closes the handler.
+func serve(h Handler, in io.Reader, out io.Writer) {
+	var outMu sync.Mutex
+	enc := json.NewEncoder(out)
+	reply := func(r Response) {
+		outMu.Lock()
+		defer outMu.Unlock()
+		if err := enc.Encode(r); err != nil {
+			fmt.Fprintln(os.Stderr, "writing response:", err)
+		}
 	}
-	raiseFileLimit()
-	a.reply(Response{ID: 0, Ready: true, Pid: os.Getpid()})
+	reply(Response{ID: 0, Ready: true, Pid: os.Getpid()})
 	sc := bufio.NewScanner(in)
 	sc.Buffer(make([]byte, 64*1024), 1<<20)
 	var wg sync.WaitGroup
 	for sc.Scan() {
 		var cmd Command
 		if err := json.Unmarshal(sc.Bytes(), &cmd); err != nil {
-			a.reply(Response{ID: -1, Error: "bad command: " + err.Error()})
+			reply(Response{ID: -1, Error: "bad command: " + err.Error()})
 			continue
 		}
 		// Commands run concurrently: a slow dial must not hold up an events poll.
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			a.reply(a.handle(cmd))
+			reply(h.Handle(cmd))
 		}()
 	}
 	// stdin closed: the harness is done with us (or gone).
+	h.Close()
+}
+
+// Close closes the agent's listeners.
+func (a *agent) Close() {
 	a.mu.Lock()
 	for _, l := range a.listeners {
 		l.Close()
 	}
 	a.mu.Unlock()
-	return 0
 }
 
-func (a *agent) reply(r Response) {
-	a.outMu.Lock()
-	defer a.outMu.Unlock()
-	if err := a.out.Encode(r); err != nil {
-		a.log.Error("writing response", "err", err)
-	}
-}
-
-func (a *agent) handle(cmd Command) Response {
+// Handle runs one command of a built-in role.
+func (a *agent) Handle(cmd Command) Response {
 	r := Response{ID: cmd.ID}
 	switch {
 	case cmd.Op == OpListen && cmd.Listen != nil:

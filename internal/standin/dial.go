@@ -54,6 +54,7 @@ func dial(spec DialSpec) DialResult {
 	}
 	defer c.Close()
 	res := DialResult{Local: local, Peer: peer}
+	time.Sleep(time.Duration(spec.HoldMS) * time.Millisecond)
 	deadline := 2 * timeout
 	if spec.Gate != "" {
 		deadline += gateHoldMax

@@ -6,6 +6,8 @@
 // JSON lines over stdin/stdout: one Command per line in, one Response per line out.
 package standin
 
+import "encoding/json"
+
 // RoleEnv selects the role of a re-executed binary (see MaybeRunRole).
 const RoleEnv = "EBPF_REDIRECT_ROLE"
 
@@ -47,6 +49,8 @@ type Command struct {
 	Listen *ListenSpec `json:"listen,omitempty"`
 	Proxy  *ProxySpec  `json:"proxy,omitempty"`
 	Dial   *DialSpec   `json:"dial,omitempty"`
+	// Args is the payload of a command of a role registered with RegisterRole.
+	Args json.RawMessage `json:"args,omitempty"`
 	Gate   *GateSpec   `json:"gate,omitempty"`
 	Load   *LoadSpec   `json:"load,omitempty"`
 	Sniff  *SniffSpec  `json:"sniff,omitempty"`
@@ -84,6 +88,8 @@ type Response struct {
 	Addr   string      `json:"addr,omitempty"` // listen: the bound address
 	Dial   *DialResult `json:"dial,omitempty"`
 	Events *Events     `json:"events,omitempty"`
+	// Result is the payload of an answer of a role registered with RegisterRole.
+	Result json.RawMessage `json:"result,omitempty"`
 	Load   *LoadResult `json:"load,omitempty"`
 }
 
@@ -123,6 +129,9 @@ type DialSpec struct {
 	Token     string `json:"token"`
 	Size      int    `json:"size,omitempty"`       // payload bytes after the request line (TCP)
 	TimeoutMS int    `json:"timeout_ms,omitempty"` // connect timeout; the exchange gets twice that (default 2000)
+	// HoldMS keeps the connection established and idle this long before the
+	// exchange: a connection that lives across a detach, restart or upgrade.
+	HoldMS int `json:"hold_ms,omitempty"`
 	// Method is how the socket connects (Method*); "" is MethodNonblocking.
 	Method string `json:"method,omitempty"`
 	// Device binds the socket to an interface (SO_BINDTODEVICE) before it connects.

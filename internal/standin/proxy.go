@@ -171,3 +171,10 @@ func relay(client, up *net.TCPConn) (upBytes, downBytes int64) {
 	wg.Wait()
 	return upBytes, downBytes
 }
+
+// ProxyListen opens a listener the way the stand-in proxy does (dual-stack "[::]:port",
+// SO_REUSEPORT, best-effort IP(V6)_TRANSPARENT, SO_MARK 0x539), for other harnesses'
+// proxies.
+func ProxyListen(ctx context.Context, addr string) (net.Listener, error) {
+	return proxyListenConfig.Listen(ctx, "tcp", addr)
+}

@@ -278,3 +278,14 @@ func checkPayload(r io.Reader, seed string, n int) (got int64, intact bool, err 
 
 func upSeed(token string) string   { return "up/" + token }
 func downSeed(token string) string { return "down/" + token }
+
+// OriginalDst asks SO_ORIGINAL_DST on a socket as the real proxy does (see
+// originalDst), for other harnesses' proxies.
+func OriginalDst(fd int) (netip.AddrPort, error) {
+	dst, _, err := originalDst(fd)
+	return dst, err
+}
+
+// WaitConnected waits for a connect in progress on fd (see waitConnected), for other
+// harnesses' clients.
+func WaitConnected(fd int, timeout time.Duration) error { return waitConnected(fd, timeout) }

@@ -335,6 +335,9 @@ func (p *Pod) Close() error {
 		}
 	}
 	for _, ns := range p.netnsMade {
+		if _, err := os.Stat(netnsPath(ns)); errors.Is(err, os.ErrNotExist) {
+			continue // deleted already (a test may delete a pod's netns)
+		}
 		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
 			errs = append(errs, fmt.Errorf("ip netns del %s: %v: %s", ns, err, out))
 		}
