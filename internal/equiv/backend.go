@@ -108,6 +108,14 @@ func (b *Iptables) Remove(ctx context.Context, _ *topology.Run, pod *topology.Po
 	return runIn(ctx, []byte(undo.String()), "ip", "netns", "exec", pod.NetNS, "sh", "-s")
 }
 
+// Reconciler is a backend that must be told when a pod's interfaces or addresses
+// changed after it was applied (ebpf-redirect's reconcile, which a node agent runs
+// after changing a pod, and `serve` periodically). The reference needs nothing: its
+// rules cover every interface.
+type Reconciler interface {
+	Reconcile(ctx context.Context, run *topology.Run, pod *topology.Pod) error
+}
+
 // Ebpf runs the ebpf-redirect CLI: `attach` before the case, `detach` after it.
 type Ebpf struct {
 	Binary    string
@@ -131,6 +139,11 @@ func (b *Ebpf) AttachArgs(run *topology.Run, pod *topology.Pod) []string {
 
 func (b *Ebpf) Apply(ctx context.Context, run *topology.Run, pod *topology.Pod) error {
 	return runEnv(ctx, b.Env, nil, b.Binary, b.AttachArgs(run, pod)...)
+}
+
+// Reconcile runs `ebpf-redirect reconcile`, which refreshes every healthy pod.
+func (b *Ebpf) Reconcile(ctx context.Context, run *topology.Run, _ *topology.Pod) error {
+	return runEnv(ctx, b.Env, nil, b.Binary, "reconcile", "--bpffs", run.BPFFS)
 }
 
 func (b *Ebpf) Remove(ctx context.Context, run *topology.Run, pod *topology.Pod) error {

@@ -46,6 +46,8 @@ type Case struct {
 	// AddInterface gives the pod a second link (eth1, 10.78.0.2, R at 10.78.0.1)
 	// after the backend is applied, as a CNI adding a network would.
 	AddInterface bool
+	// Reconcile tells the backend about the change afterwards (see Reconciler).
+	Reconcile bool
 	// RemoveWhileOpen removes the backend while the connection is open (after its
 	// request line), lets it finish, then makes the same connection again.
 	RemoveWhileOpen bool
@@ -320,8 +322,11 @@ func Cases() []Case {
 		{Name: "in-second-interface-after-attach", Description: "R→P's address on a link added after attach (eth1, 10.78.0.2:8080)",
 			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientPeer, AddInterface: true,
 			Dial: standin.DialSpec{Dst: "10.78.0.2:8080", TimeoutMS: 1000}, Expect: viaProxyToApp,
-			KnownDifference: "the tc programs are on the links present at attach; a new connection arriving on a later link is refused (dropped: the client times out) by the pod cgroup's ingress guard instead of being redirected; re-attach to capture the new link",
+			KnownDifference: "the tc programs are on the links present at attach (or at the last reconcile); until the next reconcile, a new connection arriving on a later link is refused (dropped: the client times out) by the pod cgroup's ingress guard instead of being redirected",
 			EbpfExpect:      "timeout"},
+		{Name: "in-second-interface-after-reconcile", Description: "R→P's address on a link added after attach, once ebpf-redirect reconciled the pod: redirected",
+			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientPeer, AddInterface: true, Reconcile: true,
+			Dial: standin.DialSpec{Dst: "10.78.0.2:8080"}, Expect: viaProxyToApp},
 		{Name: "in-second-interface-hbone", Description: "R→P:15008 on a link added after attach reaches the HBONE listener directly",
 			Proxy: allListeners, App: appServers, Peer: peerServers, Client: ClientPeer, AddInterface: true,
 			Dial: standin.DialSpec{Dst: "10.78.0.2:15008"}, Expect: "proxy:15008"},

@@ -143,6 +143,11 @@ func (r *Runner) RunCase(ctx context.Context, c Case, b Backend) (rec *Record, e
 			return nil, err
 		}
 	}
+	if rc, ok := b.(Reconciler); ok && c.Reconcile {
+		if err := rc.Reconcile(ctx, r.Run, pod); err != nil {
+			return nil, fmt.Errorf("%s reconcile: %w", b.Name(), err)
+		}
+	}
 	if moveTo != "" {
 		if err := topology.MoveToCgroup(client.Pid, moveTo); err != nil {
 			return nil, err
