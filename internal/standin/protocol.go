@@ -50,10 +50,10 @@ type Command struct {
 	Proxy  *ProxySpec  `json:"proxy,omitempty"`
 	Dial   *DialSpec   `json:"dial,omitempty"`
 	// Args is the payload of a command of a role registered with RegisterRole.
-	Args json.RawMessage `json:"args,omitempty"`
-	Gate   *GateSpec   `json:"gate,omitempty"`
-	Load   *LoadSpec   `json:"load,omitempty"`
-	Sniff  *SniffSpec  `json:"sniff,omitempty"`
+	Args  json.RawMessage `json:"args,omitempty"`
+	Gate  *GateSpec       `json:"gate,omitempty"`
+	Load  *LoadSpec       `json:"load,omitempty"`
+	Sniff *SniffSpec      `json:"sniff,omitempty"`
 }
 
 // SniffSpec records, from now on, the connection attempts (TCP SYN without ACK)
@@ -90,7 +90,7 @@ type Response struct {
 	Events *Events     `json:"events,omitempty"`
 	// Result is the payload of an answer of a role registered with RegisterRole.
 	Result json.RawMessage `json:"result,omitempty"`
-	Load   *LoadResult `json:"load,omitempty"`
+	Load   *LoadResult     `json:"load,omitempty"`
 }
 
 // ListenSpec starts a server. Proto is "tcp" or "udp"; an IPv4 Addr gives an AF_INET
