@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/ebpf-redirect/ebpf-redirect/internal/config"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/redirect"
 )
@@ -56,13 +58,15 @@ func TestBadInputIsRefusedByTheAPI(t *testing.T) {
 	}
 	same := func(*redirect.Options) {}
 	samePod := func(*redirect.Pod) {}
-	for _, tc := range []struct {
+	type apiCase struct {
 		name string
 		ctx  context.Context
 		o    redirect.Options
 		p    redirect.Pod
 		want string
-	}{
+	}
+	// A port above 65535 cannot be expressed here: Config's ports are uint16.
+	cases := []apiCase{
 		{"pod id empty", nil, opts(same), pod(func(p *redirect.Pod) { p.ID = "" }), "pod id is empty"},
 		{"pod id too long", nil, opts(same), pod(func(p *redirect.Pod) { p.ID = strings.Repeat("p", 64) }), "at most 63"},
 		{"pod id with slash", nil, opts(same), pod(func(p *redirect.Pod) { p.ID = "a/b" }), "pod id"},
@@ -84,7 +88,16 @@ func TestBadInputIsRefusedByTheAPI(t *testing.T) {
 		{"double attach", nil, opts(same), redirect.Pod{ID: good.ID, Netns: good.NetNSPath(), Cgroup: good.PodCgroup}, "already attached"},
 		{"same netns as another pod", nil, opts(same), pod(func(p *redirect.Pod) { p.Netns = good.NetNSPath() }), "already attached as pod"},
 		{"interrupted before it starts", cancelled, opts(same), pod(samePod), "context canceled"},
-	} {
+	}
+	// cgroup v1 is only there on hybrid hosts.
+	for _, v1 := range []string{"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/memory"} {
+		var fs unix.Statfs_t
+		if unix.Statfs(v1, &fs) == nil && fs.Type == unix.CGROUP_SUPER_MAGIC {
+			cases = append(cases, apiCase{"cgroup v1 path", nil, opts(same), pod(func(p *redirect.Pod) { p.Cgroup = v1 }), "cgroup v1"})
+			break
+		}
+	}
+	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := tc.ctx
 			if ctx == nil {
