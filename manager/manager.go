@@ -173,6 +173,14 @@ func (m *Manager) Explain(id string, q Query) (Decision, error) {
 	return redirect.Explain(m.o, id, q)
 }
 
+// Refresh takes in the pod's interfaces and addresses as they are now: an
+// interface added after attach gets the tc programs (until then the pod's
+// ingress guard refuses new connections arriving on it). Reconcile refreshes
+// every healthy pod; it reports whether anything changed.
+func (m *Manager) Refresh(id string) (bool, error) {
+	return redirect.Refresh(m.o, id)
+}
+
 // Upgrade swaps this binary's programs into every attached pod now (it also
 // happens on the first attach after a version change); with force, even if
 // the pinned programs are of the same version.

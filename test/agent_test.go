@@ -785,3 +785,48 @@ func TestNewInterfaceCapturedByReconcile(t *testing.T) {
 		t.Fatalf("after refresh: %s", list.output)
 	}
 }
+
+// serve watches each pod's namespace: an interface added to a running pod is
+// captured within moments, without waiting for the periodic reconcile.
+func TestServeCapturesNewInterfaceAtOnce(t *testing.T) {
+	r := lifecycleRun(t)
+	lp := newLivePod(t, r)
+	sp := startServe(t, r) // prunes only every hour: only the watch can do it
+	if code, body := sp.call(t, "POST", "/pods", lp.spec()); code != 200 {
+		t.Fatalf("attach: %d %s", code, body)
+	}
+	t.Cleanup(func() { sp.call(t, "DELETE", "/pods/"+lp.pod.ID, nil) })
+	time.Sleep(300 * time.Millisecond) // the watch subscribes
+	for _, args := range [][]string{
+		{"-n", lp.pod.NetNS, "link", "add", "eth1", "type", "veth", "peer", "name", "eth1", "netns", lp.pod.PeerNetNS},
+		{"-n", lp.pod.NetNS, "addr", "add", "10.78.0.2/24", "dev", "eth1"},
+		{"-n", lp.pod.NetNS, "link", "set", "eth1", "up"},
+		{"-n", lp.pod.PeerNetNS, "addr", "add", "10.78.0.1/24", "dev", "eth1"},
+		{"-n", lp.pod.PeerNetNS, "link", "set", "eth1", "up"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v %s", args, err, out)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		res, err := lp.peer.Dial(ctx, standin.DialSpec{Proto: "tcp", Dst: "10.78.0.2:8080", Token: "watch", TimeoutMS: 300})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Outcome == standin.OutcomeOK {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the new interface was not captured within 5 s: %+v\n%s", res, sp.out)
+		}
+	}
+	if _, in := lp.proxied(ctx); in != 1 {
+		t.Fatalf("the connection on the new interface did not go through the proxy (%d relayed)", in)
+	}
+	if _, body := sp.call(t, "GET", "/metrics", nil); !strings.Contains(body, "ebpf_redirect_refreshed_pods_total 1") {
+		t.Errorf("refresh not counted:\n%s", grepLines(body, "refreshed"))
+	}
+}

@@ -33,6 +33,7 @@ func serveCmd(g *globals) *cobra.Command {
 			ctx := cmd.Context()
 			srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 10 * time.Second}
 			go a.Prune(ctx, every)
+			go a.Watch(ctx, every)
 			go func() {
 				<-ctx.Done()
 				sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

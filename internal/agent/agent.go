@@ -1,7 +1,9 @@
 // Package agent is `ebpf-redirect serve`: a long-running node agent around a
 // manager.Manager, with an HTTP API to attach and detach pods, Prometheus
 // metrics (per-pod per-rule counters, attach latency, errors), a health
-// endpoint, and a periodic prune of pods whose netns or cgroup is gone.
+// endpoint, a periodic reconcile (pods whose netns or cgroup is gone), and a
+// watch of every pod's links and addresses (new interfaces are captured at
+// once).
 package agent
 
 import (
@@ -27,11 +29,14 @@ type Agent struct {
 	attachSeconds *prometheus.HistogramVec
 	errors        *prometheus.CounterVec
 	pruned        prometheus.Counter
+	refreshed     prometheus.Counter
+	// podsChanged wakes Watch after an attach or detach through the API.
+	podsChanged chan struct{}
 }
 
 // New builds the agent and registers its metrics.
 func New(m *manager.Manager, log *slog.Logger) *Agent {
-	a := &Agent{m: m, log: log, reg: prometheus.NewRegistry()}
+	a := &Agent{m: m, log: log, reg: prometheus.NewRegistry(), podsChanged: make(chan struct{}, 1)}
 	a.attachSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Name:    "ebpf_redirect_operation_seconds",
 		Help:    "Time to attach or detach one pod.",
@@ -45,7 +50,11 @@ func New(m *manager.Manager, log *slog.Logger) *Agent {
 		Name: "ebpf_redirect_pruned_pods_total",
 		Help: "Pods detached by the periodic prune (netns or cgroup gone, attach never finished).",
 	})
-	a.reg.MustRegister(a.attachSeconds, a.errors, a.pruned, &collector{a: a},
+	a.refreshed = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "ebpf_redirect_refreshed_pods_total",
+		Help: "Pods whose new interfaces or addresses were taken in after a change in their namespace.",
+	})
+	a.reg.MustRegister(a.attachSeconds, a.errors, a.pruned, a.refreshed, &collector{a: a},
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return a
 }
@@ -128,6 +137,10 @@ func (a *Agent) Handler() http.Handler {
 
 func (a *Agent) observe(op string, start time.Time, err error) {
 	a.attachSeconds.WithLabelValues(op).Observe(time.Since(start).Seconds())
+	select {
+	case a.podsChanged <- struct{}{}:
+	default:
+	}
 	if err != nil {
 		a.errors.WithLabelValues(op).Inc()
 		a.log.Warn(op+" failed", "err", err)
