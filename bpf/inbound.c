@@ -335,5 +335,10 @@ int pod_egress(struct __sk_buff *skb)
 			return TCX_NEXT;
 		}
 	}
+	/* The proxy's own packets (its relays, its listeners' replies) carry its
+	 * mark: they are never replies to a spoofed proxy socket, so they skip
+	 * the socket lookup (most of the egress traffic of a captured pod). */
+	if (has_mark(skb->mark, cfg.proxy_mark))
+		return TCX_NEXT;
 	return reply_to_proxy(skb, &p, netns);
 }
