@@ -738,16 +738,8 @@ func TestNewInterfaceCapturedByReconcile(t *testing.T) {
 	}
 	t.Cleanup(func() { runCLI(t, nil, "detach", "--pod-id", lp.pod.ID, "--bpffs", r.BPFFS) })
 	// A second link between the pod and R, on another subnet.
-	for _, args := range [][]string{
-		{"-n", lp.pod.NetNS, "link", "add", "eth1", "type", "veth", "peer", "name", "eth1", "netns", lp.pod.PeerNetNS},
-		{"-n", lp.pod.NetNS, "addr", "add", "10.78.0.2/24", "dev", "eth1"},
-		{"-n", lp.pod.NetNS, "link", "set", "eth1", "up"},
-		{"-n", lp.pod.PeerNetNS, "addr", "add", "10.78.0.1/24", "dev", "eth1"},
-		{"-n", lp.pod.PeerNetNS, "link", "set", "eth1", "up"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %v: %v %s", args, err, out)
-		}
+	if err := lp.pod.AddSecondInterface(); err != nil {
+		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -797,16 +789,9 @@ func TestServeCapturesNewInterfaceAtOnce(t *testing.T) {
 	}
 	t.Cleanup(func() { sp.call(t, "DELETE", "/pods/"+lp.pod.ID, nil) })
 	time.Sleep(300 * time.Millisecond) // the watch subscribes
-	for _, args := range [][]string{
-		{"-n", lp.pod.NetNS, "link", "add", "eth1", "type", "veth", "peer", "name", "eth1", "netns", lp.pod.PeerNetNS},
-		{"-n", lp.pod.NetNS, "addr", "add", "10.78.0.2/24", "dev", "eth1"},
-		{"-n", lp.pod.NetNS, "link", "set", "eth1", "up"},
-		{"-n", lp.pod.PeerNetNS, "addr", "add", "10.78.0.1/24", "dev", "eth1"},
-		{"-n", lp.pod.PeerNetNS, "link", "set", "eth1", "up"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %v: %v %s", args, err, out)
-		}
+	// A second link between the pod and R, on another subnet.
+	if err := lp.pod.AddSecondInterface(); err != nil {
+		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

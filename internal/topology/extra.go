@@ -8,7 +8,6 @@ import (
 	"strings"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 )
 
 // The second link a test may add to a pod: eth1, 10.78.0.2/24 in the pod,
@@ -47,26 +46,11 @@ func MoveToCgroup(pid int, dir string) error {
 // AddSecondInterface links the pod to R a second time (eth1 on both sides,
 // Pod2IP and Peer2IP), as a CNI adding a network to a running pod would.
 func (p *Pod) AddSecondInterface() error {
-	podNS, err := netns.GetFromPath(p.NetNSPath())
+	hp, hr, peerNS, done, err := p.handles()
 	if err != nil {
 		return err
 	}
-	defer podNS.Close()
-	peerNS, err := netns.GetFromPath(p.PeerNetNSPath())
-	if err != nil {
-		return err
-	}
-	defer peerNS.Close()
-	hp, err := netlink.NewHandleAt(podNS)
-	if err != nil {
-		return err
-	}
-	defer hp.Close()
-	hr, err := netlink.NewHandleAt(peerNS)
-	if err != nil {
-		return err
-	}
-	defer hr.Close()
+	defer done()
 	veth := netlink.NewVeth(netlink.LinkAttrs{Name: SecondIfName})
 	veth.PeerName = SecondIfName
 	veth.PeerNamespace = netlink.NsFd(int(peerNS))

@@ -241,26 +241,11 @@ func (r *Run) NewPod() (p *Pod, err error) {
 // wire creates the veth and the addressing, through netlink handles bound to the two
 // namespaces, so that the host namespace is never touched.
 func (p *Pod) wire() error {
-	podNS, err := netns.GetFromPath(p.NetNSPath())
+	hp, hr, peerNS, done, err := p.handles()
 	if err != nil {
 		return err
 	}
-	defer podNS.Close()
-	peerNS, err := netns.GetFromPath(p.PeerNetNSPath())
-	if err != nil {
-		return err
-	}
-	defer peerNS.Close()
-	hp, err := netlink.NewHandleAt(podNS)
-	if err != nil {
-		return err
-	}
-	defer hp.Close()
-	hr, err := netlink.NewHandleAt(peerNS)
-	if err != nil {
-		return err
-	}
-	defer hr.Close()
+	defer done()
 
 	veth := netlink.NewVeth(netlink.LinkAttrs{Name: PodIfName})
 	veth.PeerName = PeerIfName
@@ -319,6 +304,29 @@ func (p *Pod) wire() error {
 		return fmt.Errorf("pod default route: %w", err)
 	}
 	return nil
+}
+
+// handles opens netlink handles in the pod's and R's namespaces; done closes
+// them (and R's namespace, which creating a veth peer there needs).
+func (p *Pod) handles() (hp, hr *netlink.Handle, peerNS netns.NsHandle, done func(), err error) {
+	podNS, err := netns.GetFromPath(p.NetNSPath())
+	if err != nil {
+		return nil, nil, -1, nil, err
+	}
+	defer podNS.Close()
+	if peerNS, err = netns.GetFromPath(p.PeerNetNSPath()); err != nil {
+		return nil, nil, -1, nil, err
+	}
+	if hp, err = netlink.NewHandleAt(podNS); err != nil {
+		peerNS.Close()
+		return nil, nil, -1, nil, err
+	}
+	if hr, err = netlink.NewHandleAt(peerNS); err != nil {
+		hp.Close()
+		peerNS.Close()
+		return nil, nil, -1, nil, err
+	}
+	return hp, hr, peerNS, func() { hr.Close(); hp.Close(); peerNS.Close() }, nil
 }
 
 // Close tears the pod down: kills every process in its cgroups, removes the cgroups and
