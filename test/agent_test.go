@@ -25,7 +25,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 
 	"github.com/ebpf-redirect/ebpf-redirect/internal/redirect"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/standin"
@@ -423,16 +422,7 @@ func TestCrashMidAttachThenReconcile(t *testing.T) {
 
 // legacyFilters counts the cls_bpf filters on the pod's eth0.
 func legacyFilters(t *testing.T, p *topology.Pod) int {
-	ns, err := netns.GetFromPath(p.NetNSPath())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	h := podHandle(t, p)
 	eth, err := h.LinkByName(topology.PodIfName)
 	if err != nil {
 		t.Fatal(err)

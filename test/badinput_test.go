@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -23,26 +22,8 @@ import (
 // touched. (A pod id with NUL can only be tested here: an argv cannot carry a
 // NUL byte.)
 func TestBadInputIsRefusedByTheAPI(t *testing.T) {
-	r := lifecycleRun(t)
-	good := newPod(t, r)
-	other := newPod(t, r)
-	if res := runCLI(t, nil, attachArgs(r, good)...); res.code != 0 {
-		t.Fatalf("attach failed: %s", res.output)
-	}
-	t.Cleanup(func() { runCLI(t, nil, "detach", "--pod-id", good.ID, "--bpffs", r.BPFFS) })
-	goodBefore := inspectPod(t, r, good)
-
-	regular := filepath.Join(t.TempDir(), "not-a-netns")
-	if err := os.WriteFile(regular, []byte("x"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	removed := filepath.Join(r.CgroupDir, "removed-cgroup-api")
-	if err := os.Mkdir(removed, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Remove(removed); err != nil {
-		t.Fatal(err)
-	}
+	bf := newBadInputFixture(t, "removed-cgroup-api")
+	r, good, other, goodBefore, regular, removed := bf.r, bf.good, bf.other, bf.goodBefore, bf.regular, bf.removed
 	cancelled, cancel := context.WithCancel(context.Background())
 	cancel()
 

@@ -128,15 +128,9 @@ func mapEntries(t *testing.T, path string) int {
 	}
 }
 
-func inspectPod(t *testing.T, r *topology.Run, p *topology.Pod) podState {
+// podHandle is a netlink handle in the pod's namespace, closed with the test.
+func podHandle(t *testing.T, p *topology.Pod) *netlink.Handle {
 	t.Helper()
-	var s podState
-	for _, pin := range pinsUnder(t, r.BPFFS) {
-		if strings.HasPrefix(pin, "pods/"+p.ID+"/") {
-			s.pins = append(s.pins, pin)
-		}
-	}
-	s.podEntries = mapEntries(t, filepath.Join(r.BPFFS, "dp", "map_pods"))
 	ns, err := netns.GetFromPath(p.NetNSPath())
 	if err != nil {
 		t.Fatal(err)
@@ -146,7 +140,20 @@ func inspectPod(t *testing.T, r *topology.Run, p *topology.Pod) podState {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer h.Close()
+	t.Cleanup(h.Close)
+	return h
+}
+
+func inspectPod(t *testing.T, r *topology.Run, p *topology.Pod) podState {
+	t.Helper()
+	var s podState
+	for _, pin := range pinsUnder(t, r.BPFFS) {
+		if strings.HasPrefix(pin, "pods/"+p.ID+"/") {
+			s.pins = append(s.pins, pin)
+		}
+	}
+	s.podEntries = mapEntries(t, filepath.Join(r.BPFFS, "dp", "map_pods"))
+	h := podHandle(t, p)
 	rules, err := h.RuleList(unix.AF_INET)
 	if err != nil {
 		t.Fatal(err)
@@ -212,29 +219,44 @@ func TestAttachDetachLifecycle(t *testing.T) {
 	}
 }
 
+// badInputFixture is a run with one attached pod (good, as it was after the
+// attach), one pod to try bad inputs on (other), a regular file where a netns
+// is expected, and a cgroup path that existed and was removed.
+type badInputFixture struct {
+	r                *topology.Run
+	good, other      *topology.Pod
+	goodBefore       podState
+	regular, removed string
+}
+
+func newBadInputFixture(t *testing.T, removedName string) badInputFixture {
+	t.Helper()
+	f := badInputFixture{r: lifecycleRun(t)}
+	f.good, f.other = newPod(t, f.r), newPod(t, f.r)
+	if res := runCLI(t, nil, attachArgs(f.r, f.good)...); res.code != 0 {
+		t.Fatalf("attach failed: %s", res.output)
+	}
+	t.Cleanup(func() { runCLI(t, nil, "detach", "--pod-id", f.good.ID, "--bpffs", f.r.BPFFS) })
+	f.goodBefore = inspectPod(t, f.r, f.good)
+	f.regular = filepath.Join(t.TempDir(), "not-a-netns")
+	if err := os.WriteFile(f.regular, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f.removed = filepath.Join(f.r.CgroupDir, removedName)
+	if err := os.Mkdir(f.removed, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(f.removed); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
 // Every bad input is refused with an error naming the problem and a non-zero
 // exit, creates nothing, and leaves an already attached pod as it was.
 func TestBadInputIsRefused(t *testing.T) {
-	r := lifecycleRun(t)
-	good := newPod(t, r)
-	other := newPod(t, r)
-	if res := runCLI(t, nil, attachArgs(r, good)...); res.code != 0 {
-		t.Fatalf("attach failed: %s", res.output)
-	}
-	t.Cleanup(func() { runCLI(t, nil, "detach", "--pod-id", good.ID, "--bpffs", r.BPFFS) })
-	goodBefore := inspectPod(t, r, good)
-
-	regular := filepath.Join(t.TempDir(), "not-a-netns")
-	if err := os.WriteFile(regular, []byte("x"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	removed := filepath.Join(r.CgroupDir, "removed-cgroup")
-	if err := os.Mkdir(removed, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Remove(removed); err != nil {
-		t.Fatal(err)
-	}
+	bf := newBadInputFixture(t, "removed-cgroup")
+	r, good, other, goodBefore, regular, removed := bf.r, bf.good, bf.other, bf.goodBefore, bf.regular, bf.removed
 	notBPF := filepath.Join(t.TempDir(), "erd")
 
 	base := func(mod func(a map[string]string)) []string {

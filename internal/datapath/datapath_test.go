@@ -54,19 +54,7 @@ type fixture struct {
 	cookie uint64
 }
 
-func newFixture(t *testing.T) *fixture {
-	requireBPF(t)
-	dp, err := Load(config.Default())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(dp.Close)
-	f := &fixture{dp: dp, cookie: hostCookie(t)}
-	if err := dp.Ifaces.Put(IfaceKey{Netns: f.cookie, Ifindex: 1}, IfaceInfo{PrimaryIp: be32(podIP)}); err != nil {
-		t.Fatal(err)
-	}
-	return f
-}
+func newFixture(t *testing.T) *fixture { return newSizedFixture(t, nil) }
 
 // tcpPacket builds an Ethernet/IPv4/TCP frame with valid checksums.
 type tcpPacket struct {
