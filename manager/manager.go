@@ -91,7 +91,7 @@ func New(o Options) (*Manager, error) {
 		log = slog.Default()
 	}
 	m := &Manager{o: redirect.Options{Root: o.BPFFS, Config: cfg, TCMode: mode, Log: log}}
-	if _, err := redirect.List(m.o); err != nil { // checks bpffs, takes and drops the lock
+	if err := redirect.Check(m.o.Root); err != nil { // bpffs, the lock, the metadata maps
 		return nil, err
 	}
 	return m, nil

@@ -184,11 +184,14 @@ func attachLocked(ctx context.Context, o Options, s *store, r *resolved) (res Re
 		if !r.same(old) {
 			return res, fmt.Errorf("pod %s: %w with netns %s and cgroup %s; detach it before attaching it elsewhere", p.ID, ErrAlreadyAttached, old.Netns, old.Cgroup)
 		}
-		if old.State == stateAttached && health(s, old) == nil {
-			return Result{AlreadyAttached: true}, nil
+		var problem error = errors.New("attach never finished")
+		if old.State == stateAttached {
+			if problem = health(s, old); problem == nil {
+				return Result{AlreadyAttached: true}, nil
+			}
 		}
 		// Half attached (a crash) or broken: start again from nothing.
-		o.log().Warn("repairing pod", "pod", p.ID, "state", old.State, "problem", health(s, old))
+		o.log().Warn("repairing pod", "pod", p.ID, "state", old.State, "problem", problem)
 		if err := detachLocked(o, s, old); err != nil {
 			return res, fmt.Errorf("pod %s: removing a broken attach: %w", p.ID, err)
 		}

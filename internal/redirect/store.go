@@ -144,6 +144,17 @@ func openStore(root string) (*store, error) {
 	return s, nil
 }
 
+// Check opens the store under the root (bpffs check, lock, metadata maps)
+// and releases it: a cheap test that the root is usable.
+func Check(root string) error {
+	s, err := openStore(root)
+	if err != nil {
+		return err
+	}
+	s.Close()
+	return nil
+}
+
 func openOrCreateMap(path, name string, keySize, valueSize uint32) (*ebpf.Map, error) {
 	m, err := ebpf.LoadPinnedMap(path, nil)
 	if err == nil {
