@@ -2,7 +2,9 @@
 # build network namespaces.
 GO      ?= go
 CLANG   ?= clang-19
+# The product (what a node runs) and the lab (demo, bench, scale), apart.
 BIN     := bin/ebpf-redirect
+LAB     := bin/ebpf-redirect-lab
 # Debian packages the tests and the demo need at run time, and those that
 # `make generate` needs (the generated objects are committed, so building
 # needs only Go).
@@ -14,7 +16,7 @@ GEN_PKGS := clang-19 llvm-19 libbpf-dev linux-libc-dev
 all: build
 
 build:
-	$(GO) build -o $(BIN) ./cmd/ebpf-redirect
+	$(GO) build -o bin/ ./cmd/ebpf-redirect ./cmd/ebpf-redirect-lab
 
 # Installs what is missing (Debian/Ubuntu, as root).
 deps:
@@ -44,22 +46,22 @@ test: deps
 
 # Unprivileged parts only.
 unit:
-	$(GO) test -count=1 ./internal/config/ ./internal/redirect/
+	$(GO) test -count=1 ./internal/config/ ./internal/redirect/ ./internal/rules/ ./internal/lab/equiv/
 
 # Every traffic case on throwaway pods, under iptables and under eBPF, side by side.
 demo: deps build
-	./$(BIN) demo
+	./$(LAB) demo
 
 # eBPF against iptables against no capture, on throwaway pods (about 7 minutes);
 # rewrites the results in docs/benchmarks.md and the plot docs/benchmarks.svg.
 # Run it on a quiet machine. BENCH_FLAGS adds flags, e.g. BENCH_FLAGS='--note "..."'.
 BENCH_FLAGS ?=
 bench: deps build
-	./$(BIN) bench --markdown docs/benchmarks.md --svg docs/benchmarks.svg $(BENCH_FLAGS)
+	./$(LAB) bench --markdown docs/benchmarks.md --svg docs/benchmarks.svg $(BENCH_FLAGS)
 
 # The same in under a minute, printed only.
 bench-quick: deps build
-	./$(BIN) bench --quick $(BENCH_FLAGS)
+	./$(LAB) bench --quick $(BENCH_FLAGS)
 
 clean:
 	rm -rf bin

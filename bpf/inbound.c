@@ -178,21 +178,32 @@ static __always_inline int redirected_conn_open(struct __sk_buff *skb, struct pk
 	return open;
 }
 
-/* nat PREROUTING for a new connection, first match wins. */
-static __always_inline enum rule inbound_rule(struct __sk_buff *skb, struct pkt *p)
+/* nat PREROUTING for a new TCP connection from saddr to daddr:dport (network
+ * order) carrying mark, first match wins. Shared with explain.c. */
+static __always_inline enum rule inbound_rule(__u32 saddr, __u32 daddr, __u16 dport_be, __u32 mark)
 {
-	if (p->ip.saddr == cfg.probe_addr)
+	if (saddr == cfg.probe_addr)
 		return RULE_IN_PROBE;
-	if (p->ip.daddr != LOCALHOST && p->tcp.dest != bpf_htons(cfg.hbone_port) &&
-	    !has_mark(skb->mark, cfg.proxy_mark))
+	if (daddr != LOCALHOST && dport_be != bpf_htons(cfg.hbone_port) && !has_mark(mark, cfg.proxy_mark))
 		return RULE_IN_REDIRECT;
 	return RULE_IN_UNTOUCHED;
+}
+
+/* Where REDIRECT sends a connection arriving on ifindex: the interface's
+ * primary address (0 if it has none, or we hold no state for it: then the
+ * redirect fails closed). Shared with explain.c. */
+static __always_inline __u32 inbound_target(__u64 netns, __u32 ifindex)
+{
+	struct iface_key ik = { .netns = netns, .ifindex = ifindex };
+	struct iface_info *ifc = bpf_map_lookup_elem(&ifaces, &ik);
+
+	return ifc ? ifc->primary_ip : 0;
 }
 
 /* A new inbound connection's destination port becomes 15006 on the interface's
  * primary address (what REDIRECT does), and every later packet of it follows;
  * pod_egress undoes it on the way back. */
-SEC("tc")
+SEC("tcx/ingress")
 int pod_ingress(struct __sk_buff *skb)
 {
 	struct pkt p;
@@ -221,7 +232,7 @@ int pod_ingress(struct __sk_buff *skb)
 		return TCX_NEXT;
 	}
 
-	enum rule rule = inbound_rule(skb, &p);
+	enum rule rule = inbound_rule(p.ip.saddr, p.ip.daddr, p.tcp.dest, skb->mark);
 	f = bpf_map_lookup_elem(&in_flows, &k);
 	/* The remote port already carries a redirected connection, to another
 	 * destination, that is still open: after the rewrite both would be
@@ -243,9 +254,8 @@ int pod_ingress(struct __sk_buff *skb)
 		return TCX_DROP;
 	}
 
-	struct iface_key ik = { .netns = k.netns, .ifindex = skb->ifindex };
-	struct iface_info *ifc = bpf_map_lookup_elem(&ifaces, &ik);
-	if (!ifc || !ifc->primary_ip) {
+	__u32 target = inbound_target(k.netns, skb->ifindex);
+	if (!target) {
 		/* No state for this interface, or (as REDIRECT) no address. */
 		count(k.netns, RULE_FAIL_CLOSED);
 		return TCX_DROP;
@@ -254,7 +264,7 @@ int pod_ingress(struct __sk_buff *skb)
 	struct in_flow nf = {
 		.orig_ip = p.ip.daddr,
 		.orig_port = bpf_ntohs(p.tcp.dest),
-		.new_ip = ifc->primary_ip,
+		.new_ip = target,
 	};
 	if (bpf_map_update_elem(&in_flows, &k, &nf, BPF_ANY)) {
 		count(k.netns, RULE_FAIL_CLOSED);
@@ -307,7 +317,7 @@ static __always_inline int reply_to_proxy(struct __sk_buff *skb, struct pkt *p, 
 	return bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
 }
 
-SEC("tc")
+SEC("tcx/egress")
 int pod_egress(struct __sk_buff *skb)
 {
 	struct pkt p;

@@ -3,6 +3,12 @@
  * Included by redirect.c (one object, so every program shares the maps). */
 #include "redirect.h"
 
+/* connect(0.0.0.0) is routed as 127.0.0.1. */
+static __always_inline __u32 routed_dst(__u32 dst)
+{
+	return dst ? dst : LOCALHOST;
+}
+
 /* Rule 3, "-o lo": the destination is the namespace's own (127/8 or an address
  * of one of its interfaces), or the socket is bound to lo (SO_BINDTODEVICE),
  * which routes every destination out through lo. */
@@ -14,7 +20,10 @@ static __always_inline int routed_via_lo(__u64 netns, __u32 dst, __u32 bound_dev
 	       bpf_map_lookup_elem(&local_addrs, &k) != NULL;
 }
 
-/* The rules in their order; first match wins. */
+/* nat OUTPUT for a new TCP connection to dst (network order) from a socket
+ * carrying mark and bound to bound_dev_if (0: none); first match wins.
+ * connect(0.0.0.0) is routed as 127.0.0.1, which is what netfilter sees: the
+ * caller passes that. Shared with explain.c. */
 static __always_inline enum rule outbound_rule(__u64 netns, __u32 dst, __u32 mark,
 					       __u32 bound_dev_if)
 {
@@ -50,8 +59,7 @@ static __always_inline enum rule outbound(struct bpf_sock_addr *ctx, __u32 dst, 
 		return RULE_FAIL_CLOSED;
 	}
 
-	/* connect(0.0.0.0) is routed as 127.0.0.1, which is what netfilter sees. */
-	rule = outbound_rule(netns, dst ? dst : LOCALHOST, sk->mark, sk->bound_dev_if);
+	rule = outbound_rule(netns, routed_dst(dst), sk->mark, sk->bound_dev_if);
 	if (rule != RULE_OUT_REDIRECT) {
 		/* A socket reused for a second connect must not keep a stale
 		 * original destination. */

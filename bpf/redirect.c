@@ -5,5 +5,6 @@
 #include "inbound.c"
 #include "ifguard.c"
 #include "origdst.c"
+#include "explain.c"
 
 char __license[] SEC("license") = "Dual BSD/GPL";

@@ -26,14 +26,18 @@ struct config {
 	__u16 inbound_port;  /* 15006 */
 	__u16 hbone_port;    /* 15008 */
 	__u16 _pad;
+	/* Not read by the programs, but part of the node's config: kept here so
+	 * that the pinned constants say everything the node was set up with. */
+	__u32 route_table;   /* 100: policy route table of the conn mark */
+	__u32 rule_priority; /* 32764: its ip rule preference */
 };
 
 volatile const struct config cfg = {};
 
 /* Which rule of inpod-rules.v4 decided a connection. The Go side names them
- * (internal/config) for counters and explain. */
+ * (internal/rules) for counters, stats and explain. */
 enum rule {
-	RULE_NONE = 0,
+	RULE_NONE = 0,         /* no rule applies: not TCP */
 	RULE_OUT_PROBE,        /* nat OUTPUT 1: -d 169.254.7.127 ACCEPT */
 	RULE_OUT_CONNMARK,     /* nat OUTPUT 2: --mark 0x111/0xfff ACCEPT */
 	RULE_OUT_LOCAL,        /* nat OUTPUT 3: ! -d 127.0.0.1 -o lo ACCEPT */
@@ -175,6 +179,24 @@ struct {
 	__type(key, struct counter_key);
 	__type(value, __u64);
 } counters SEC(".maps");
+
+/* A question for explain.c, answered in place (to_*, rule). Addresses are
+ * network order, ports host order. */
+struct explain_query {
+	__u64 netns;    /* the pod's netns cookie */
+	__u32 src;      /* inbound: the remote peer */
+	__u32 dst;
+	__u16 dport;
+	__u8 inbound;   /* 0: a connection the pod makes; 1: one it receives */
+	__u8 proto;     /* IPPROTO_TCP or IPPROTO_UDP */
+	__u32 mark;     /* outbound: the socket's; inbound: the packet's */
+	__u32 ifindex;  /* outbound: SO_BINDTODEVICE (0: none); inbound: where it arrives */
+	/* The answer. */
+	__u32 rule;     /* enum rule */
+	__u32 to_ip;    /* where the connection goes */
+	__u16 to_port;
+	__u16 _pad;
+};
 
 static __always_inline void count(__u64 netns, enum rule rule)
 {

@@ -6,7 +6,7 @@ import (
 	"log"
 	"log/slog"
 
-	"github.com/ebpf-redirect/ebpf-redirect/internal/topology"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/topology"
 	"github.com/ebpf-redirect/ebpf-redirect/manager"
 )
 

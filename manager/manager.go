@@ -50,6 +50,8 @@ type (
 var (
 	ErrAlreadyAttached = redirect.ErrAlreadyAttached
 	ErrNotAttached     = redirect.ErrNotAttached
+	// ErrNothingPinned: Upgrade found nothing pinned to upgrade.
+	ErrNothingPinned = redirect.ErrNothingPinned
 )
 
 // Options configure a Manager.
@@ -64,6 +66,15 @@ type Options struct {
 	TCMode string
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
+	// MountBPFFS mounts a bpffs at /sys/fs/bpf when BPFFS is the default and
+	// none is mounted there (a fresh machine), as node agents do. An explicit
+	// BPFFS that is not on a bpffs is always refused.
+	MountBPFFS bool
+	// BeforeStep, if set, runs before each step of an attach (named by
+	// redirect.AttachSteps: record, maps, route, sysctl, tc, cgroup, proxy,
+	// done); an error fails the attach there, which then unwinds. A seam for
+	// fault tests: node agents leave it nil.
+	BeforeStep func(step string) error
 }
 
 // Manager attaches and detaches pods. It is safe for concurrent use.
@@ -71,9 +82,9 @@ type Manager struct {
 	o redirect.Options
 }
 
-// New checks the options and the bpffs directory, and adopts whatever is
-// pinned there: pods attached by an earlier process stay attached, and pinned
-// programs of an older version are upgraded in place on the first attach.
+// New checks the options (the config is validated here, once) and the bpffs
+// directory, and adopts whatever is pinned there: pods attached by an earlier
+// process stay attached and keep their programs until Upgrade.
 func New(o Options) (*Manager, error) {
 	cfg := config.Default()
 	if o.Config != nil {
@@ -90,8 +101,8 @@ func New(o Options) (*Manager, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	m := &Manager{o: redirect.Options{Root: o.BPFFS, Config: cfg, TCMode: mode, Log: log}}
-	if err := redirect.Check(m.o.Root); err != nil { // bpffs, the lock, the metadata maps
+	m := &Manager{o: redirect.Options{Root: o.BPFFS, Config: cfg, TCMode: mode, Log: log, MountBPFFS: o.MountBPFFS, BeforeStep: o.BeforeStep}}
+	if err := redirect.Check(m.o); err != nil { // bpffs, the lock, the metadata maps
 		return nil, err
 	}
 	return m, nil
@@ -132,36 +143,37 @@ func (m *Manager) Pods() ([]PodStatus, error) {
 type RuleCount struct {
 	Rule        string `json:"rule"`  // short name, e.g. "out-redirect"
 	Chain       string `json:"chain"` // e.g. "nat ISTIO_OUTPUT 4"
-	Text        string `json:"text"`  // the reference's line
+	Text        string `json:"text"`  // the reference's line, with the node's values
 	Connections uint64 `json:"connections"`
 }
 
 // Stats returns the pod's per-rule counters, in the reference's order: the
 // eBPF twin of iptables-save -c.
 func (m *Manager) Stats(id string) ([]RuleCount, error) {
-	c, err := redirect.Stats(m.o, id)
+	c, cfg, err := redirect.Stats(m.o, id)
 	if err != nil {
 		return nil, err
 	}
-	return ruleCounts(c), nil
+	return ruleCounts(cfg, c), nil
 }
 
 // StatsAll returns every pod's counters.
 func (m *Manager) StatsAll() (map[string][]RuleCount, error) {
-	all, err := redirect.StatsAll(m.o)
+	all, cfg, err := redirect.StatsAll(m.o)
 	if err != nil {
 		return nil, err
 	}
 	out := map[string][]RuleCount{}
 	for id, c := range all {
-		out[id] = ruleCounts(c)
+		out[id] = ruleCounts(cfg, c)
 	}
 	return out, nil
 }
 
-func ruleCounts(c redirect.Counts) []RuleCount {
+// ruleCounts renders the rules with the config the datapath runs with.
+func ruleCounts(cfg config.Config, c redirect.Counts) []RuleCount {
 	var out []RuleCount
-	for _, i := range rules.All() {
+	for _, i := range rules.All(cfg) {
 		out = append(out, RuleCount{Rule: i.Name, Chain: i.Chain, Text: i.Text, Connections: c[i.Rule]})
 	}
 	return out
@@ -181,11 +193,18 @@ func (m *Manager) Refresh(id string) (bool, error) {
 	return redirect.Refresh(m.o, id)
 }
 
-// Upgrade swaps this binary's programs into every attached pod now (it also
-// happens on the first attach after a version change); with force, even if
-// the pinned programs are of the same version.
-func (m *Manager) Upgrade(force bool) error {
-	return redirect.Upgrade(m.o, force)
+// UpgradeReport says what Upgrade did.
+type UpgradeReport = redirect.UpgradeReport
+
+// Upgrade swaps this binary's programs into every attached pod (atomic link
+// updates; pinned maps, and so flows and counters, carry over), and moves the
+// pins to this binary's schema. Nothing else ever does: pinned programs of
+// another version are used as they are until Upgrade is called. Without
+// force it does nothing when the pinned programs are this binary's. It
+// refuses, changing nothing, pins of a newer schema and a new object that
+// changes the layout of a pinned map.
+func (m *Manager) Upgrade(ctx context.Context, force bool) (UpgradeReport, error) {
+	return redirect.Upgrade(ctx, m.o, force)
 }
 
 // Close releases the Manager. Attached pods stay attached.

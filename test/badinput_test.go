@@ -15,6 +15,7 @@ import (
 
 	"github.com/ebpf-redirect/ebpf-redirect/internal/config"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/redirect"
+	"github.com/ebpf-redirect/ebpf-redirect/manager"
 )
 
 // The Go API refuses what the CLI refuses, with an error naming the problem,
@@ -27,54 +28,55 @@ func TestBadInputIsRefusedByTheAPI(t *testing.T) {
 	cancelled, cancel := context.WithCancel(context.Background())
 	cancel()
 
-	pod := func(mod func(*redirect.Pod)) redirect.Pod {
-		p := redirect.Pod{ID: other.ID, Netns: other.NetNSPath(), Cgroup: other.PodCgroup, ProxyCgroup: other.ProxyCgrp}
+	pod := func(mod func(*manager.Pod)) manager.Pod {
+		p := manager.Pod{ID: other.ID, Netns: other.NetNSPath(), Cgroup: other.PodCgroup, ProxyCgroup: other.ProxyCgrp}
 		mod(&p)
 		return p
 	}
-	opts := func(mod func(*redirect.Options)) redirect.Options {
-		o := redirect.Options{Root: r.BPFFS, Config: config.Default()}
+	opts := func(mod func(*manager.Options)) manager.Options {
+		cfg := config.Default()
+		o := manager.Options{BPFFS: r.BPFFS, Config: &cfg}
 		mod(&o)
 		return o
 	}
-	same := func(*redirect.Options) {}
-	samePod := func(*redirect.Pod) {}
+	same := func(*manager.Options) {}
+	samePod := func(*manager.Pod) {}
 	type apiCase struct {
 		name string
 		ctx  context.Context
-		o    redirect.Options
-		p    redirect.Pod
+		o    manager.Options
+		p    manager.Pod
 		want string
 	}
 	// A port above 65535 cannot be expressed here: Config's ports are uint16.
 	cases := []apiCase{
-		{"pod id empty", nil, opts(same), pod(func(p *redirect.Pod) { p.ID = "" }), "pod id is empty"},
-		{"pod id too long", nil, opts(same), pod(func(p *redirect.Pod) { p.ID = strings.Repeat("p", 64) }), "at most 63"},
-		{"pod id with slash", nil, opts(same), pod(func(p *redirect.Pod) { p.ID = "a/b" }), "pod id"},
-		{"pod id dotdot", nil, opts(same), pod(func(p *redirect.Pod) { p.ID = ".." }), "pod id"},
-		{"pod id with NUL", nil, opts(same), pod(func(p *redirect.Pod) { p.ID = "pod\x00x" }), "NUL"},
-		{"pod id with space", nil, opts(same), pod(func(p *redirect.Pod) { p.ID = "a b" }), "pod id"},
-		{"missing netns", nil, opts(same), pod(func(p *redirect.Pod) { p.Netns = "/run/netns/erd-api-missing" }), "no such file"},
-		{"netns is a regular file", nil, opts(same), pod(func(p *redirect.Pod) { p.Netns = regular }), "not a network namespace"},
-		{"netns empty", nil, opts(same), pod(func(p *redirect.Pod) { p.Netns = "" }), "no netns path"},
-		{"cgroup is not a cgroup", nil, opts(same), pod(func(p *redirect.Pod) { p.Cgroup = t.TempDir() }), "not on a cgroup v2"},
-		{"root cgroup", nil, opts(same), pod(func(p *redirect.Pod) { p.Cgroup = r.CgroupFS }), "root cgroup"},
-		{"removed cgroup", nil, opts(same), pod(func(p *redirect.Pod) { p.Cgroup = removed }), "no such file"},
-		{"proxy cgroup is the pod's", nil, opts(same), pod(func(p *redirect.Pod) { p.ProxyCgroup = p.Cgroup }), "proxy must run outside"},
-		{"bpffs not mounted", nil, opts(func(o *redirect.Options) { o.Root = filepath.Join(t.TempDir(), "erd") }), pod(samePod), "not on a bpf filesystem"},
-		{"port zero", nil, opts(func(o *redirect.Options) { o.Config.InboundPort = 0 }), pod(samePod), "inbound port must be 1-65535"},
-		{"mark zero", nil, opts(func(o *redirect.Options) { o.Config.ConnMark = 0 }), pod(samePod), "connection mark must not be 0"},
-		{"mask hides the mark", nil, opts(func(o *redirect.Options) { o.Config.MarkMask = 0x0ff }), pod(samePod), "outside the mark mask"},
-		{"a different config than the node's", nil, opts(func(o *redirect.Options) { o.Config.HBONEPort = 15009 }), pod(samePod), "different config"},
-		{"double attach", nil, opts(same), redirect.Pod{ID: good.ID, Netns: good.NetNSPath(), Cgroup: good.PodCgroup}, "already attached"},
-		{"same netns as another pod", nil, opts(same), pod(func(p *redirect.Pod) { p.Netns = good.NetNSPath() }), "already attached as pod"},
+		{"pod id empty", nil, opts(same), pod(func(p *manager.Pod) { p.ID = "" }), "pod id is empty"},
+		{"pod id too long", nil, opts(same), pod(func(p *manager.Pod) { p.ID = strings.Repeat("p", 64) }), "at most 63"},
+		{"pod id with slash", nil, opts(same), pod(func(p *manager.Pod) { p.ID = "a/b" }), "pod id"},
+		{"pod id dotdot", nil, opts(same), pod(func(p *manager.Pod) { p.ID = ".." }), "pod id"},
+		{"pod id with NUL", nil, opts(same), pod(func(p *manager.Pod) { p.ID = "pod\x00x" }), "NUL"},
+		{"pod id with space", nil, opts(same), pod(func(p *manager.Pod) { p.ID = "a b" }), "pod id"},
+		{"missing netns", nil, opts(same), pod(func(p *manager.Pod) { p.Netns = "/run/netns/erd-api-missing" }), "no such file"},
+		{"netns is a regular file", nil, opts(same), pod(func(p *manager.Pod) { p.Netns = regular }), "not a network namespace"},
+		{"netns empty", nil, opts(same), pod(func(p *manager.Pod) { p.Netns = "" }), "no netns path"},
+		{"cgroup is not a cgroup", nil, opts(same), pod(func(p *manager.Pod) { p.Cgroup = t.TempDir() }), "not on a cgroup v2"},
+		{"root cgroup", nil, opts(same), pod(func(p *manager.Pod) { p.Cgroup = r.CgroupFS }), "root cgroup"},
+		{"removed cgroup", nil, opts(same), pod(func(p *manager.Pod) { p.Cgroup = removed }), "no such file"},
+		{"proxy cgroup is the pod's", nil, opts(same), pod(func(p *manager.Pod) { p.ProxyCgroup = p.Cgroup }), "proxy must run outside"},
+		{"bpffs not mounted", nil, opts(func(o *manager.Options) { o.BPFFS = filepath.Join(t.TempDir(), "erd") }), pod(samePod), "not on a bpf filesystem"},
+		{"port zero", nil, opts(func(o *manager.Options) { o.Config.InboundPort = 0 }), pod(samePod), "inbound port must be 1-65535"},
+		{"mark zero", nil, opts(func(o *manager.Options) { o.Config.ConnMark = 0 }), pod(samePod), "connection mark must not be 0"},
+		{"mask hides the mark", nil, opts(func(o *manager.Options) { o.Config.MarkMask = 0x0ff }), pod(samePod), "outside the mark mask"},
+		{"a different config than the node's", nil, opts(func(o *manager.Options) { o.Config.HBONEPort = 15009 }), pod(samePod), "different config"},
+		{"double attach", nil, opts(same), manager.Pod{ID: good.ID, Netns: good.NetNSPath(), Cgroup: good.PodCgroup}, "already attached"},
+		{"same netns as another pod", nil, opts(same), pod(func(p *manager.Pod) { p.Netns = good.NetNSPath() }), "already attached as pod"},
 		{"interrupted before it starts", cancelled, opts(same), pod(samePod), "context canceled"},
 	}
 	// cgroup v1 is only there on hybrid hosts.
 	for _, v1 := range []string{"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/memory"} {
 		var fs unix.Statfs_t
 		if unix.Statfs(v1, &fs) == nil && fs.Type == unix.CGROUP_SUPER_MAGIC {
-			cases = append(cases, apiCase{"cgroup v1 path", nil, opts(same), pod(func(p *redirect.Pod) { p.Cgroup = v1 }), "cgroup v1"})
+			cases = append(cases, apiCase{"cgroup v1 path", nil, opts(same), pod(func(p *manager.Pod) { p.Cgroup = v1 }), "cgroup v1"})
 			break
 		}
 	}
@@ -84,7 +86,10 @@ func TestBadInputIsRefusedByTheAPI(t *testing.T) {
 			if ctx == nil {
 				ctx = context.Background()
 			}
-			_, err := redirect.Attach(ctx, tc.o, tc.p)
+			m, err := manager.New(tc.o)
+			if err == nil {
+				_, err = m.AttachPod(ctx, tc.p)
+			}
 			if err == nil {
 				t.Fatalf("Attach accepted it")
 			}

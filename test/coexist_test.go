@@ -19,9 +19,9 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
-	"github.com/ebpf-redirect/ebpf-redirect/internal/equiv"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/equiv"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/topology"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/podnet"
-	"github.com/ebpf-redirect/ebpf-redirect/internal/topology"
 )
 
 // TestEquivalenceLegacyTC runs the inbound cases (the ones that go through tc)

@@ -14,9 +14,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/ebpf-redirect/ebpf-redirect/internal/equiv"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/equiv"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/standin"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/podnet"
-	"github.com/ebpf-redirect/ebpf-redirect/internal/standin"
 )
 
 // With the pod's conntrack table full, the iptables ruleset cannot track (and

@@ -15,16 +15,17 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/ebpf-redirect/ebpf-redirect/internal/equiv"
-	"github.com/ebpf-redirect/ebpf-redirect/internal/privtest"
-	"github.com/ebpf-redirect/ebpf-redirect/internal/reference"
-	"github.com/ebpf-redirect/ebpf-redirect/internal/standin"
-	"github.com/ebpf-redirect/ebpf-redirect/internal/topology"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/equiv"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/privtest"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/reference"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/standin"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/topology"
 )
 
 // sharedReference is the oracle's original, beside the repository.
@@ -51,12 +52,18 @@ var (
 	testRun *topology.Run
 	runErr  error
 
-	buildOnce sync.Once
-	binDir    string
-	binPath   string
-	binSkip   string
-	binErr    error
+	binDirOnce sync.Once
+	binDir     string
+	binDirErr  error
+	builds     sync.Map // build tags -> *build
 )
+
+// build is one compiled CLI.
+type build struct {
+	once sync.Once
+	path string
+	err  error
+}
 
 // runner returns the Runner shared by the whole test binary (one topology.Run, one
 // bpffs), or skips when the machine lacks what it needs.
@@ -84,54 +91,85 @@ func referenceBackend(t *testing.T) *equiv.Iptables {
 	return b
 }
 
-// ebpfBinary builds the CLI once. It skips only while cmd/ebpf-redirect does not exist
-// yet; a CLI that exists and does not build is a failure.
-func ebpfBinary(t *testing.T) string {
+// ebpfBinary builds the product CLI once: exactly what ships.
+func ebpfBinary(t *testing.T) string { return cliBuild(t, "") }
+
+// faultBinary builds the CLI with the fault seams (-tags faultinject):
+// EBPF_REDIRECT_FAULT_BEFORE and EBPF_REDIRECT_CRASH_BEFORE, which the
+// product does not have.
+func faultBinary(t *testing.T) string { return cliBuild(t, "faultinject") }
+
+// Names of the variables the faultinject build reads.
+const (
+	faultEnv = "EBPF_REDIRECT_FAULT_BEFORE"
+	crashEnv = "EBPF_REDIRECT_CRASH_BEFORE"
+)
+
+func cliBuild(t *testing.T, tags string) string {
 	t.Helper()
-	buildOnce.Do(func() {
-		src := "../cmd/ebpf-redirect"
-		if gos, _ := filepath.Glob(filepath.Join(src, "*.go")); len(gos) == 0 {
-			binSkip = "cmd/ebpf-redirect does not exist yet: nothing to compare with the reference"
+	v, _ := builds.LoadOrStore(tags, &build{})
+	b := v.(*build)
+	b.once.Do(func() {
+		binDirOnce.Do(func() { binDir, binDirErr = os.MkdirTemp("", "ebpf-redirect-test-bin") })
+		if b.err = binDirErr; b.err != nil {
 			return
 		}
-		if binDir, binErr = os.MkdirTemp("", "ebpf-redirect-test-bin"); binErr != nil {
-			return
+		name := "ebpf-redirect"
+		if tags != "" {
+			name += "-" + tags
 		}
-		binPath = filepath.Join(binDir, "ebpf-redirect")
+		b.path = filepath.Join(binDir, name)
 		goTool, err := exec.LookPath("go")
 		if err != nil {
 			goTool = filepath.Join(runtime.GOROOT(), "bin", "go")
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		defer cancel()
-		out, err := exec.CommandContext(ctx, goTool, "build", "-o", binPath, src).CombinedOutput()
+		out, err := exec.CommandContext(ctx, goTool, "build", "-tags", tags, "-o", b.path, "../cmd/ebpf-redirect").CombinedOutput()
 		if err != nil {
-			binErr = fmt.Errorf("go build %s: %v\n%s", src, err, out)
+			b.err = fmt.Errorf("go build -tags %q: %v\n%s", tags, err, out)
 		}
 	})
-	if binSkip != "" {
-		t.Skip(binSkip)
+	if b.err != nil {
+		t.Fatal(b.err)
 	}
-	if binErr != nil {
-		t.Fatal(binErr)
-	}
-	return binPath
+	return b.path
 }
 
 func TestEmbeddedReferenceMatchesShared(t *testing.T) {
-	for name, embedded := range map[string][]byte{
-		"inpod-rules.v4":  reference.Rules,
-		"inpod-routes.sh": reference.Routes,
-	} {
-		shared, err := os.ReadFile(filepath.Join(sharedReference, name))
-		if os.IsNotExist(err) {
-			t.Skipf("%s not present: nothing to compare the embedded copy with", sharedReference)
-		}
+	shared, err := filepath.Glob(filepath.Join(sharedReference, "inpod-*"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(shared) == 0 {
+		t.Skipf("%s not present: nothing to compare the embedded copy with", sharedReference)
+	}
+	var names []string
+	for _, path := range shared {
+		name := filepath.Base(path)
+		names = append(names, name)
+		b, err := os.ReadFile(path)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !bytes.Equal(shared, embedded) {
-			t.Errorf("internal/reference/%s differs from %s/%s: copy it again", name, sharedReference, name)
+		if !slices.Contains(reference.Names(), name) {
+			t.Errorf("internal/lab/reference lacks %s: copy it", name)
+			continue
+		}
+		if !bytes.Equal(b, reference.File(name)) {
+			t.Errorf("internal/lab/reference/%s differs from %s: copy it again", name, path)
+		}
+	}
+	for _, name := range reference.Names() {
+		if !slices.Contains(names, name) {
+			t.Errorf("internal/lab/reference/%s is not in %s any more", name, sharedReference)
+		}
+	}
+	for _, doc := range []struct{ shared, ours string }{{"README.md", "../docs/reference.md"}, {"KERNEL-NOTES.md", "../docs/kernel-notes.md"}} {
+		a, err1 := os.ReadFile(filepath.Join(sharedReference, doc.shared))
+		b, err2 := os.ReadFile(doc.ours)
+		if err1 == nil && (err2 != nil || !bytes.Equal(a, b)) {
+			t.Errorf("%s differs from %s/%s: copy it again", doc.ours, sharedReference, doc.shared)
 		}
 	}
 }

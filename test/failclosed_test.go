@@ -10,8 +10,8 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/ebpf-redirect/ebpf-redirect/internal/datapath"
-	"github.com/ebpf-redirect/ebpf-redirect/internal/equiv"
-	"github.com/ebpf-redirect/ebpf-redirect/internal/standin"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/equiv"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/standin"
 )
 
 // Fail closed: whatever state the datapath lacks, a connection it should
@@ -20,7 +20,7 @@ import (
 // pinnedMap opens one of the datapath's maps under a run's bpffs.
 func pinnedMap(t *testing.T, bpffs, name string) *ebpf.Map {
 	t.Helper()
-	m, err := ebpf.LoadPinnedMap(filepath.Join(bpffs, "dp", "map_"+name), nil)
+	m, err := ebpf.LoadPinnedMap(filepath.Join(bpffs, "dp", "maps", name), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -33,15 +33,15 @@ func pinnedMap(t *testing.T, bpffs, name string) *ebpf.Map {
 // keeps working.
 func TestFullPodMapRefusesAttach(t *testing.T) {
 	r := lifecycleRun(t)
-	env := mapSizes("pods=1")
+	sized := []string{"--max-pods", "1"}
 	first, second := newPod(t, r), newPod(t, r)
-	if res := runCLI(t, env, attachArgs(r, first)...); res.code != 0 {
+	if res := runCLI(t, nil, append(attachArgs(r, first), sized...)...); res.code != 0 {
 		t.Fatalf("attach failed: %s", res.output)
 	}
 	t.Cleanup(func() { runCLI(t, nil, "detach", "--pod-id", first.ID, "--bpffs", r.BPFFS) })
 	firstBefore := inspectPod(t, r, first)
 	before := inspectPod(t, r, second)
-	res := runCLI(t, env, attachArgs(r, second)...)
+	res := runCLI(t, nil, append(attachArgs(r, second), sized...)...)
 	if res.code == 0 || !strings.Contains(res.output, "pod map") {
 		t.Fatalf("want the full pod map named, got %d: %s", res.code, res.output)
 	}

@@ -15,9 +15,9 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
-	"github.com/ebpf-redirect/ebpf-redirect/internal/privtest"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/privtest"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/topology"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/redirect"
-	"github.com/ebpf-redirect/ebpf-redirect/internal/topology"
 )
 
 // cliResult is one run of the ebpf-redirect binary.
@@ -28,9 +28,20 @@ type cliResult struct {
 
 func runCLI(t *testing.T, env []string, args ...string) cliResult {
 	t.Helper()
+	return runBinary(t, ebpfBinary(t), env, args...)
+}
+
+// runFaultCLI runs the faultinject build (see faultBinary).
+func runFaultCLI(t *testing.T, env []string, args ...string) cliResult {
+	t.Helper()
+	return runBinary(t, faultBinary(t), env, args...)
+}
+
+func runBinary(t *testing.T, bin string, env []string, args ...string) cliResult {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, ebpfBinary(t), args...)
+	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.Env = append(os.Environ(), env...)
 	out, err := cmd.CombinedOutput()
 	var ee *exec.ExitError
@@ -152,7 +163,7 @@ func inspectPod(t *testing.T, r *topology.Run, p *topology.Pod) podState {
 			s.pins = append(s.pins, pin)
 		}
 	}
-	s.podEntries = mapEntries(t, filepath.Join(r.BPFFS, "dp", "map_pods"))
+	s.podEntries = mapEntries(t, filepath.Join(r.BPFFS, "dp", "maps", "pods"))
 	h := podHandle(t, p)
 	rules, err := h.RuleList(unix.AF_INET)
 	if err != nil {
@@ -180,7 +191,7 @@ func TestAttachDetachLifecycle(t *testing.T) {
 		t.Fatalf("attach failed (%d): %s", res.code, res.output)
 	}
 	on := inspectPod(t, r, p)
-	wantPins := []string{"cgroup_connect4", "cgroup_getpeername4", "cgroup_sockops", "tcx_egress_", "tcx_ingress_"}
+	wantPins := []string{"pod_connect4", "pod_getpeername4", "pod_sockops", "tcx_egress_", "tcx_ingress_"}
 	for _, w := range wantPins {
 		found := false
 		for _, pin := range on.pins {
@@ -340,7 +351,7 @@ func TestFailedAttachLeavesNothing(t *testing.T) {
 	r := lifecycleRun(t)
 	// The node's first pod failing leaves no datapath behind either.
 	first := newPod(t, r)
-	res := runCLI(t, []string{redirect.FaultEnv + "=done"}, attachArgs(r, first)...)
+	res := runFaultCLI(t, []string{faultEnv + "=done"}, attachArgs(r, first)...)
 	if res.code == 0 {
 		t.Fatalf("want the injected fault: %s", res.output)
 	}
@@ -355,11 +366,11 @@ func TestFailedAttachLeavesNothing(t *testing.T) {
 	t.Cleanup(func() { runCLI(t, nil, "detach", "--pod-id", good.ID, "--bpffs", r.BPFFS) })
 	goodBefore := inspectPod(t, r, good)
 
-	for _, step := range []string{"maps", "route", "tc", "cgroup", "proxy", "done"} {
+	for _, step := range redirect.AttachSteps() {
 		t.Run("fault before "+step, func(t *testing.T) {
 			p := newPod(t, r)
 			before := inspectPod(t, r, p)
-			res := runCLI(t, []string{redirect.FaultEnv + "=" + step}, attachArgs(r, p)...)
+			res := runFaultCLI(t, []string{faultEnv + "=" + step}, attachArgs(r, p)...)
 			if res.code == 0 || !strings.Contains(res.output, "injected fault before "+step) {
 				t.Fatalf("want the injected fault, got %d: %s", res.code, res.output)
 			}
@@ -380,5 +391,36 @@ func TestFailedAttachLeavesNothing(t *testing.T) {
 				t.Fatalf("detach: %s", res.output)
 			}
 		})
+	}
+}
+
+// On a machine with no bpffs at /sys/fs/bpf, attach (with the default
+// --bpffs) mounts one there and says so; the pod is then attached, listed
+// and detached as usual. Run in a private mount namespace, which makes the
+// machine "fresh" whatever it has mounted, and takes the mount away after.
+func TestAttachMountsBPFFSOnAFreshMachine(t *testing.T) {
+	r := lifecycleRun(t)
+	p := newPod(t, r)
+	privtest.Require(t, "unshare")
+	bin := ebpfBinary(t)
+	script := `set -e
+umount -l /sys/fs/bpf 2>/dev/null || true
+if [ "$(stat -f -c %T /sys/fs/bpf)" = bpf_fs ]; then echo "still a bpffs" >&2; exit 3; fi
+"$0" attach --pod-id "$1" --netns "$2" --cgroup "$3" --proxy-cgroup "$4"
+"$0" list
+[ "$(stat -f -c %T /sys/fs/bpf)" = bpf_fs ]
+"$0" detach --pod-id "$1"`
+	out, err := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+		bin, p.ID, p.NetNSPath(), p.PodCgroup, p.ProxyCgrp).CombinedOutput()
+	if err != nil {
+		t.Fatalf("attach on a fresh machine: %v\n%s", err, out)
+	}
+	for _, want := range []string{"mounted a bpffs", "at=/sys/fs/bpf", "pod " + p.ID + " attached", p.ID + " ", "healthy", "pod " + p.ID + " detached"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if st := inspectPod(t, r, p); st.ruleCount != 0 || st.acceptLocal != "0" {
+		t.Errorf("the pod was not left as before: %+v", st)
 	}
 }

@@ -10,11 +10,11 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/ebpf-redirect/ebpf-redirect/internal/datapath"
-	"github.com/ebpf-redirect/ebpf-redirect/internal/equiv"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/equiv"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/standin"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/topology"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/podnet"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/redirect"
-	"github.com/ebpf-redirect/ebpf-redirect/internal/standin"
-	"github.com/ebpf-redirect/ebpf-redirect/internal/topology"
 )
 
 // Load and leaks: many connections at once and many in a row through the
@@ -40,8 +40,8 @@ type loadRig struct {
 	inDsts, inNames   []string // the app's servers, reached from R
 }
 
-// newLoadRig builds the rig; env goes to the first attach (map sizes).
-func newLoadRig(t *testing.T, env []string) *loadRig {
+// newLoadRig builds the rig; args go to the attach (map sizes).
+func newLoadRig(t *testing.T, args []string) *loadRig {
 	t.Helper()
 	r := lifecycleRun(t)
 	p := newPod(t, r)
@@ -67,7 +67,7 @@ func newLoadRig(t *testing.T, env []string) *loadRig {
 		}
 		ns.Close()
 	}
-	b := &equiv.Ebpf{Binary: ebpfBinary(t), Env: env}
+	b := &equiv.Ebpf{Binary: ebpfBinary(t), ExtraArgs: args}
 	if err := b.Apply(ctx, r, p); err != nil {
 		t.Fatal(err)
 	}
@@ -126,7 +126,7 @@ func newLoadRig(t *testing.T, env []string) *loadRig {
 // flowEntries counts the pod's entries in a per-connection map.
 func (rig *loadRig) flowEntries(t *testing.T, name string) int {
 	t.Helper()
-	m, err := ebpf.LoadPinnedMap(filepath.Join(rig.run.BPFFS, "dp", "map_"+name), nil)
+	m, err := ebpf.LoadPinnedMap(filepath.Join(rig.run.BPFFS, "dp", "maps", name), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -394,16 +394,13 @@ func TestLoadChurnLeavesNoEntries(t *testing.T) {
 	}
 }
 
-// mapSizes is the environment that shrinks maps at the first attach.
-func mapSizes(s string) []string { return []string{datapath.MapSizesEnv + "=" + s} }
-
 // With per-connection maps of a handful of entries, many connections at once
 // evict each other's entries. A connection whose entry is gone must fail (the
 // proxy sees no original destination and refuses the self call, or its
 // packets are no longer rewritten and the pod resets them): it may never be
 // handed another connection's destination, nor reach its own unproxied.
 func TestTinyLRUMapsNeverMisroute(t *testing.T) {
-	rig := newLoadRig(t, mapSizes("out_flows=8,in_flows=8"))
+	rig := newLoadRig(t, []string{"--max-flows", "8"})
 	n := loadSize(2000)
 	for _, d := range rig.directions() {
 		t.Run(d.name, func(t *testing.T) {

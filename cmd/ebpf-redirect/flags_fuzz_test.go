@@ -24,7 +24,7 @@ func FuzzConfigFlags(f *testing.F) {
 		vals := map[string]string{"--outbound-port": out, "--inbound-port": in, "--hbone-port": hbone,
 			"--probe-addr": probe, "--proxy-mark": proxyMark, "--conn-mark": connMark,
 			"--mark-mask": mask, "--route-table": table, "--rule-priority": prio}
-		args := []string{"list", "--bpffs", filepath.Join(notBPF, "erd")}
+		args := []string{"upgrade", "--bpffs", filepath.Join(notBPF, "erd")}
 		for k, v := range vals {
 			args = append(args, k+"="+v)
 		}
@@ -34,7 +34,7 @@ func FuzzConfigFlags(f *testing.F) {
 		root.SetErr(new(strings.Builder))
 		err := root.Execute()
 		if err == nil {
-			t.Fatalf("list on a directory that is not bpffs succeeded with %v", args)
+			t.Fatalf("upgrade on a directory that is not bpffs succeeded with %v", args)
 		}
 		if !strings.Contains(err.Error(), "bpffs") {
 			return // refused before: a flag or the config
@@ -43,8 +43,9 @@ func FuzzConfigFlags(f *testing.F) {
 		u16 := func(s string) uint16 { v, _ := strconv.ParseUint(s, 0, 16); return uint16(v) }
 		u32 := func(s string) uint32 { v, _ := strconv.ParseUint(s, 0, 32); return uint32(v) }
 		i := func(s string) int { v, _ := strconv.ParseInt(s, 0, 64); return int(v) }
-		c := config.Config{OutboundPort: u16(out), InboundPort: u16(in), HBONEPort: u16(hbone),
-			ProxyMark: u32(proxyMark), ConnMark: u32(connMark), MarkMask: u32(mask), RouteTable: i(table), RulePriority: i(prio)}
+		c := config.Default()
+		c.OutboundPort, c.InboundPort, c.HBONEPort = u16(out), u16(in), u16(hbone)
+		c.ProxyMark, c.ConnMark, c.MarkMask, c.RouteTable, c.RulePriority = u32(proxyMark), u32(connMark), u32(mask), i(table), i(prio)
 		c.ProbeAddr, _ = netip.ParseAddr(probe)
 		if verr := c.Validate(); verr != nil {
 			t.Fatalf("the CLI went on with a config Validate rejects (%v): %v", verr, args)

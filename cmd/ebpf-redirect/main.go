@@ -17,15 +17,10 @@ import (
 
 	"github.com/ebpf-redirect/ebpf-redirect/internal/config"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/redirect"
-	"github.com/ebpf-redirect/ebpf-redirect/internal/standin"
 	"github.com/ebpf-redirect/ebpf-redirect/manager"
 )
 
 func main() {
-	// The demo and the tests re-execute this binary as their stand-in
-	// proxy and applications.
-	standin.MaybeRunRole()
-
 	// SIGINT/SIGTERM cancel the context (attach unwinds). The handler stays until
 	// the process exits: restoring the default one first would let a signal that
 	// lands after the work is done kill the process, turning a finished attach
@@ -38,42 +33,84 @@ func main() {
 	}
 }
 
+// globals are the flags every command has: where the pins are, and logging.
 type globals struct {
 	root     string
 	logLevel string
-	tcMode   string
-	cfg      config.Config
-	probe    string
 	log      *slog.Logger
 }
 
-func (g *globals) manager() (*manager.Manager, error) {
+// node is the node's config, for the commands that may load the programs
+// (attach, reconcile, upgrade, serve). Validated once, by manager.New.
+type node struct {
+	cfg    config.Config
+	tcMode string
+}
+
+// seam lets a test build (-tags faultinject) change the options; nil in the
+// product.
+var seam func(*manager.Options)
+
+// manager opens the pins. n is nil for the commands that only read or
+// remove what is pinned, which take no config flags.
+func (g *globals) manager(cmd *cobra.Command, n *node) (*manager.Manager, error) {
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(g.logLevel)); err != nil {
 		return nil, fmt.Errorf("--log-level: %w", err)
 	}
 	g.log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
-	cfg := g.cfg
-	a, err := netip.ParseAddr(g.probe)
-	if err != nil {
-		return nil, fmt.Errorf("--probe-addr: %w", err)
+	o := manager.Options{BPFFS: g.root, Logger: g.log}
+	if n != nil {
+		o.Config, o.TCMode = &n.cfg, n.tcMode
+		// As node agents do on a fresh machine; an explicit --bpffs that is
+		// not a bpffs stays an error.
+		o.MountBPFFS = !cmd.Flags().Changed("bpffs")
 	}
-	cfg.ProbeAddr = a
-	return manager.New(manager.Options{BPFFS: g.root, Config: &cfg, TCMode: g.tcMode, Logger: g.log})
+	if seam != nil {
+		seam(&o)
+	}
+	return manager.New(o)
 }
 
-func configFlags(fs *pflag.FlagSet, g *globals) {
+// addrValue is a netip.Addr flag.
+type addrValue struct{ a *netip.Addr }
+
+func (v addrValue) String() string {
+	if v.a == nil || !v.a.IsValid() {
+		return ""
+	}
+	return v.a.String()
+}
+
+func (v addrValue) Set(s string) error {
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return err
+	}
+	*v.a = a
+	return nil
+}
+
+func (addrValue) Type() string { return "addr" }
+
+// nodeFlags adds the node's config flags to a command that may load the
+// programs. Defaults are the reference's.
+func nodeFlags(fs *pflag.FlagSet) *node {
 	d := config.Default()
-	g.cfg = d
-	fs.Uint16Var(&g.cfg.OutboundPort, "outbound-port", d.OutboundPort, "proxy port new outbound TCP is redirected to")
-	fs.Uint16Var(&g.cfg.InboundPort, "inbound-port", d.InboundPort, "proxy port new inbound TCP is redirected to")
-	fs.Uint16Var(&g.cfg.HBONEPort, "hbone-port", d.HBONEPort, "inbound port never redirected (the proxy's tunnel)")
-	fs.StringVar(&g.probe, "probe-addr", d.ProbeAddr.String(), "kubelet probe address, never redirected")
-	fs.Uint32Var(&g.cfg.ProxyMark, "proxy-mark", d.ProxyMark, "mark of the proxy's own sockets")
-	fs.Uint32Var(&g.cfg.ConnMark, "conn-mark", d.ConnMark, "mark that routes replies back to the proxy")
-	fs.Uint32Var(&g.cfg.MarkMask, "mark-mask", d.MarkMask, "marks are compared under this mask")
-	fs.IntVar(&g.cfg.RouteTable, "route-table", d.RouteTable, "policy route table for the connection mark")
-	fs.IntVar(&g.cfg.RulePriority, "rule-priority", d.RulePriority, "ip rule preference of the policy route")
+	n := &node{cfg: d}
+	fs.Uint16Var(&n.cfg.OutboundPort, "outbound-port", d.OutboundPort, "proxy port new outbound TCP is redirected to")
+	fs.Uint16Var(&n.cfg.InboundPort, "inbound-port", d.InboundPort, "proxy port new inbound TCP is redirected to")
+	fs.Uint16Var(&n.cfg.HBONEPort, "hbone-port", d.HBONEPort, "inbound port never redirected (the proxy's tunnel)")
+	fs.Var(addrValue{&n.cfg.ProbeAddr}, "probe-addr", "kubelet probe address, never redirected")
+	fs.Uint32Var(&n.cfg.ProxyMark, "proxy-mark", d.ProxyMark, "mark of the proxy's own sockets")
+	fs.Uint32Var(&n.cfg.ConnMark, "conn-mark", d.ConnMark, "mark that routes replies back to the proxy")
+	fs.Uint32Var(&n.cfg.MarkMask, "mark-mask", d.MarkMask, "marks are compared under this mask")
+	fs.IntVar(&n.cfg.RouteTable, "route-table", d.RouteTable, "policy route table for the connection mark")
+	fs.IntVar(&n.cfg.RulePriority, "rule-priority", d.RulePriority, "ip rule preference of the policy route")
+	fs.Uint32Var(&n.cfg.MaxPods, "max-pods", d.MaxPods, "pods the node's maps hold")
+	fs.Uint32Var(&n.cfg.MaxFlows, "max-flows", d.MaxFlows, "redirected connections tracked at once, per direction (the oldest is evicted beyond it)")
+	fs.StringVar(&n.tcMode, "tc-mode", "auto", "auto (tcx if the kernel has it), tcx, or legacy (clsact + cls_bpf)")
+	return n
 }
 
 func newRoot() *cobra.Command {
@@ -87,21 +124,20 @@ func newRoot() *cobra.Command {
 	pf := root.PersistentFlags()
 	pf.StringVar(&g.root, "bpffs", redirect.DefaultRoot, "directory on a bpffs mount where programs, maps and links are pinned")
 	pf.StringVar(&g.logLevel, "log-level", "info", "debug, info, warn or error")
-	pf.StringVar(&g.tcMode, "tc-mode", "auto", "auto (tcx if the kernel has it), tcx, or legacy (clsact + cls_bpf)")
-	configFlags(pf, g)
 	root.AddCommand(attachCmd(g), detachCmd(g), listCmd(g), reconcileCmd(g), statsCmd(g), explainCmd(g),
-		upgradeCmd(g), serveCmd(g), demoCmd(), scaleCmd(), benchCmd())
+		upgradeCmd(g), serveCmd(g))
 	return root
 }
 
 func attachCmd(g *globals) *cobra.Command {
 	var p manager.Pod
+	var n *node
 	c := &cobra.Command{
 		Use:   "attach --pod-id ID --netns PATH --cgroup PATH [--proxy-cgroup PATH]",
 		Short: "Capture one pod's traffic; stays in place after the command exits",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			m, err := g.manager()
+			m, err := g.manager(cmd, n)
 			if err != nil {
 				return err
 			}
@@ -127,6 +163,7 @@ func attachCmd(g *globals) *cobra.Command {
 	for _, f := range []string{"pod-id", "netns", "cgroup"} {
 		_ = c.MarkFlagRequired(f)
 	}
+	n = nodeFlags(c.Flags())
 	return c
 }
 
@@ -137,7 +174,7 @@ func detachCmd(g *globals) *cobra.Command {
 		Short: "Remove everything attach made for the pod: links, pins, map entries, route",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			m, err := g.manager()
+			m, err := g.manager(cmd, nil)
 			if err != nil {
 				return err
 			}

@@ -29,7 +29,7 @@ func listCmd(g *globals) *cobra.Command {
 		Short: "Show the attached pods and their state (healthy, defunct, attaching)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			m, err := g.manager()
+			m, err := g.manager(cmd, nil)
 			if err != nil {
 				return err
 			}
@@ -58,6 +58,7 @@ func listCmd(g *globals) *cobra.Command {
 
 func reconcileCmd(g *globals) *cobra.Command {
 	var podsFile string
+	var n *node
 	c := &cobra.Command{
 		Use:   "reconcile [--pods FILE]",
 		Short: "Remove gone or half-attached pods; with --pods, make the attached set exactly that list",
@@ -67,7 +68,7 @@ array of {"ID","Netns","Cgroup","ProxyCgroup"}; - for stdin), also detaches pods
 in the list and attaches (or repairs) those in it.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			m, err := g.manager()
+			m, err := g.manager(cmd, n)
 			if err != nil {
 				return err
 			}
@@ -97,6 +98,7 @@ in the list and attaches (or repairs) those in it.`,
 		},
 	}
 	c.Flags().StringVar(&podsFile, "pods", "", "JSON list of the pods that should be attached (- for stdin)")
+	n = nodeFlags(c.Flags())
 	return c
 }
 
@@ -108,7 +110,7 @@ func statsCmd(g *globals) *cobra.Command {
 		Short: "Connections taken by each rule of the reference, per pod (like iptables-save -c)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			m, err := g.manager()
+			m, err := g.manager(cmd, nil)
 			if err != nil {
 				return err
 			}
@@ -147,16 +149,22 @@ func statsCmd(g *globals) *cobra.Command {
 
 func explainCmd(g *globals) *cobra.Command {
 	var id, dst, src, mark string
-	var in, out, udp, asJSON bool
+	var q manager.Query
+	var out, asJSON bool
 	c := &cobra.Command{
-		Use:   "explain --pod-id ID --dst ADDR:PORT [--src ADDR:PORT] [--mark M] [--in|--out] [--udp]",
-		Short: "Which rule decides a connection of the pod, and what happens to it (from the live config)",
+		Use:   "explain --pod-id ID --dst ADDR:PORT [--src ADDR:PORT] [--mark M] [--in|--out] [--udp] [--device IF] [--iface IF]",
+		Short: "Which rule decides a connection of the pod, and what happens to it (asks the pod's own programs)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if in && out {
+			if q.Inbound && out {
 				return errors.New("--in and --out exclude each other")
 			}
-			q := manager.Query{Inbound: in, UDP: udp}
+			if q.Inbound && q.Device != "" {
+				return errors.New("--device is the outbound socket's SO_BINDTODEVICE; inbound, use --iface")
+			}
+			if !q.Inbound && q.Iface != "" {
+				return errors.New("--iface is where an inbound connection arrives; outbound, use --device")
+			}
 			var err error
 			if q.Dst, err = netip.ParseAddrPort(dst); err != nil || !q.Dst.Addr().Is4() {
 				return fmt.Errorf("--dst %q: want an IPv4 ADDR:PORT", dst)
@@ -165,7 +173,7 @@ func explainCmd(g *globals) *cobra.Command {
 				if q.Src, err = netip.ParseAddrPort(src); err != nil || !q.Src.Addr().Is4() {
 					return fmt.Errorf("--src %q: want an IPv4 ADDR:PORT", src)
 				}
-			} else if in {
+			} else if q.Inbound {
 				return errors.New("--in needs --src (the remote peer)")
 			}
 			if mark != "" {
@@ -175,7 +183,7 @@ func explainCmd(g *globals) *cobra.Command {
 				}
 				q.Mark = uint32(v)
 			}
-			m, err := g.manager()
+			m, err := g.manager(cmd, nil)
 			if err != nil {
 				return err
 			}
@@ -200,9 +208,11 @@ func explainCmd(g *globals) *cobra.Command {
 	f.StringVar(&dst, "dst", "", "destination ADDR:PORT")
 	f.StringVar(&src, "src", "", "source ADDR:PORT (inbound: the remote peer)")
 	f.StringVar(&mark, "mark", "", "socket (outbound) or packet (inbound) mark, e.g. 0x539")
-	f.BoolVar(&in, "in", false, "a connection into the pod")
+	f.BoolVar(&q.Inbound, "in", false, "a connection into the pod")
 	f.BoolVar(&out, "out", false, "a connection out of the pod (the default)")
-	f.BoolVar(&udp, "udp", false, "UDP instead of TCP")
+	f.BoolVar(&q.UDP, "udp", false, "UDP instead of TCP")
+	f.StringVar(&q.Device, "device", "", "outbound: the interface the socket is bound to (SO_BINDTODEVICE), e.g. lo")
+	f.StringVar(&q.Iface, "iface", "", "inbound: the pod interface the connection arrives on (default: the one holding --dst, else the first)")
 	f.BoolVar(&asJSON, "json", false, "print JSON")
 	_ = c.MarkFlagRequired("pod-id")
 	_ = c.MarkFlagRequired("dst")
@@ -210,19 +220,41 @@ func explainCmd(g *globals) *cobra.Command {
 }
 
 func upgradeCmd(g *globals) *cobra.Command {
-	var force bool
+	var force, asJSON bool
+	var n *node
 	c := &cobra.Command{
 		Use:   "upgrade [--force]",
-		Short: "Swap this binary's programs into every attached pod (atomic link updates)",
-		Args:  cobra.NoArgs,
+		Short: "Swap this binary's programs into every attached pod (atomic link updates); the only command that changes pinned programs",
+		Long: `upgrade loads this binary's programs on top of the pinned maps (their entries and
+sizes carry over; maps the new programs add are created), swaps them into every
+pod's and proxy's links with atomic link updates, and re-pins them with the
+schema of this binary. It refuses, changing nothing, pins of a newer schema, a
+node config other than the pinned one, and programs that change the layout of a
+pinned map; if a link cannot be updated, every link goes back to the programs it
+ran. Without --force it does nothing when the pinned programs are this binary's.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			m, err := g.manager()
+			m, err := g.manager(cmd, n)
 			if err != nil {
 				return err
 			}
-			return m.Upgrade(force)
+			rep, err := m.Upgrade(cmd.Context(), force)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(cmd.OutOrStdout(), rep)
+			}
+			if rep.Unchanged {
+				fmt.Fprintf(cmd.OutOrStdout(), "the pinned programs are this binary's (%s); nothing to do\n", rep.To)
+				return nil
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "upgraded %s -> %s: %d pods, %d links\n", rep.From, rep.To, rep.Pods, rep.Links)
+			return nil
 		},
 	}
 	c.Flags().BoolVar(&force, "force", false, "reload and swap even if the pinned programs are of this version")
+	c.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	n = nodeFlags(c.Flags())
 	return c
 }

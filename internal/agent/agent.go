@@ -30,6 +30,7 @@ type Agent struct {
 	errors        *prometheus.CounterVec
 	pruned        prometheus.Counter
 	refreshed     prometheus.Counter
+	watched       prometheus.Gauge
 	// podsChanged wakes Watch after an attach or detach through the API.
 	podsChanged chan struct{}
 }
@@ -54,7 +55,11 @@ func New(m *manager.Manager, log *slog.Logger) *Agent {
 		Name: "ebpf_redirect_refreshed_pods_total",
 		Help: "Pods whose new interfaces or addresses were taken in after a change in their namespace.",
 	})
-	a.reg.MustRegister(a.attachSeconds, a.errors, a.pruned, a.refreshed, &collector{a: a},
+	a.watched = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "ebpf_redirect_watched_pods",
+		Help: "Pods whose namespace is watched for new interfaces and addresses.",
+	})
+	a.reg.MustRegister(a.attachSeconds, a.errors, a.pruned, a.refreshed, a.watched, &collector{a: a},
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return a
 }

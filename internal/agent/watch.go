@@ -73,7 +73,10 @@ func (a *Agent) watchPod(ctx context.Context, id, nsPath string) {
 		a.log.Warn("watching addresses", "pod", id, "err", err)
 		return
 	}
-	var debounce <-chan time.Time
+	a.watched.Inc()
+	defer a.watched.Dec()
+	// Whatever changed between the attach and the subscription.
+	debounce := time.After(0)
 	for {
 		select {
 		case <-ctx.Done():

@@ -20,7 +20,20 @@ type Config struct {
 	MarkMask     uint32     // marks compare under this mask (0xfff)
 	RouteTable   int        // policy route table for ConnMark (100)
 	RulePriority int        // ip rule preference (32764)
+
+	// Capacity of the node's shared maps (not part of the ruleset). A full
+	// map fails closed: a pod beyond MaxPods is refused at attach, a
+	// connection beyond MaxFlows evicts the oldest tracked one (LRU).
+	MaxPods  uint32 // pods per node (16384)
+	MaxFlows uint32 // redirected connections tracked at once, per direction (65536)
 }
+
+// Limits of the capacity settings: beyond them the kernel would be asked for
+// more memory than any node needs.
+const (
+	MaxMaxPods  = 1 << 16
+	MaxMaxFlows = 1 << 24
+)
 
 // Default returns the reference's values.
 func Default() Config {
@@ -34,6 +47,8 @@ func Default() Config {
 		MarkMask:     0xfff,
 		RouteTable:   100,
 		RulePriority: 32764,
+		MaxPods:      16384,
+		MaxFlows:     65536,
 	}
 }
 
@@ -80,6 +95,12 @@ func (c Config) Validate() error {
 	// 0 is the local-table rule, 32766/32767 main and default.
 	if c.RulePriority < 1 || c.RulePriority > 32765 {
 		errs = append(errs, fmt.Errorf("rule priority must be 1-32765, got %d", c.RulePriority))
+	}
+	if c.MaxPods < 1 || c.MaxPods > MaxMaxPods {
+		errs = append(errs, fmt.Errorf("max pods must be 1-%d, got %d", MaxMaxPods, c.MaxPods))
+	}
+	if c.MaxFlows < 1 || c.MaxFlows > MaxMaxFlows {
+		errs = append(errs, fmt.Errorf("max flows must be 1-%d, got %d", MaxMaxFlows, c.MaxFlows))
 	}
 	return errors.Join(errs...)
 }

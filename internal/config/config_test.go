@@ -34,6 +34,8 @@ func TestValidateRejects(t *testing.T) {
 		{"same marks", func(c *Config) { c.ConnMark = c.ProxyMark }, "are both"},
 		{"main table", func(c *Config) { c.RouteTable = 254 }, "route table"},
 		{"priority", func(c *Config) { c.RulePriority = 0 }, "rule priority"},
+		{"no pods", func(c *Config) { c.MaxPods = 0 }, "max pods"},
+		{"too many flows", func(c *Config) { c.MaxFlows = MaxMaxFlows + 1 }, "max flows"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := Default()

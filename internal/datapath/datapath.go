@@ -10,6 +10,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 
 	"github.com/cilium/ebpf"
 
@@ -21,6 +23,7 @@ type Rule = redirectRule
 
 // The rules, as the C code numbers them (generated from bpf/redirect.h).
 const (
+	RuleNone            = redirectRuleRULE_NONE
 	RuleOutProbe        = redirectRuleRULE_OUT_PROBE
 	RuleOutConnMark     = redirectRuleRULE_OUT_CONNMARK
 	RuleOutLocal        = redirectRuleRULE_OUT_LOCAL
@@ -36,57 +39,41 @@ const (
 
 // Map value and key types shared with the C code.
 type (
-	PodInfo    = redirectPodInfo
-	LocalKey   = redirectLocalKey
-	IfaceKey   = redirectIfaceKey
-	IfaceInfo  = redirectIfaceInfo
-	FlowKey    = redirectFlowKey
-	OrigDst    = redirectOrigDst
-	InFlow     = redirectInFlow
-	CounterKey = redirectCounterKey
-	cConfig    = redirectConfig
+	PodInfo      = redirectPodInfo
+	LocalKey     = redirectLocalKey
+	IfaceKey     = redirectIfaceKey
+	IfaceInfo    = redirectIfaceInfo
+	FlowKey      = redirectFlowKey
+	OrigDst      = redirectOrigDst
+	InFlow       = redirectInFlow
+	CounterKey   = redirectCounterKey
+	ExplainQuery = redirectExplainQuery
+	cConfig      = redirectConfig
 )
 
-// Datapath is one loaded set of programs and maps, shared by every pod.
+// Datapath is one loaded set of programs and maps, shared by every pod. Its
+// programs and maps are the generated bpf2go objects: nothing here lists them.
 type Datapath struct {
 	redirectPrograms
 	redirectMaps
-	// Rodata holds the load-time constants; kept so a later process can check
-	// that the pinned programs were built for the config it was given.
+	// Rodata holds the load-time constants (the node's config).
 	Rodata *ebpf.Map
-	// VersionMap holds the Version of the programs that were pinned.
-	VersionMap *ebpf.Map
+	// Meta holds the schema and version the datapath was pinned with.
+	Meta *ebpf.Map
+	// made are the maps this load created (not taken over from pins): an
+	// upgrade pins them when it commits.
+	made map[string]*ebpf.Map
+	// extra are maps of the object outside the generated structs.
+	extra []*ebpf.Map
+	// schema and version are what Pin and Commit record.
+	schema  int
+	version string
 }
 
-// Version identifies the embedded programs: a hash of the compiled object. A
-// pinned datapath with another version is upgraded in place (see
-// LoadReplacing).
+// Version identifies the embedded programs: a hash of the compiled object.
 func Version() string {
 	h := sha256.Sum256(_RedirectBytes)
 	return hex.EncodeToString(h[:8])
-}
-
-func newVersionMap() (*ebpf.Map, error) {
-	m, err := ebpf.NewMap(&ebpf.MapSpec{Name: "erd_version", Type: ebpf.Array, KeySize: 4, ValueSize: 32, MaxEntries: 1})
-	if err != nil {
-		return nil, err
-	}
-	v := make([]byte, 32)
-	copy(v, Version())
-	if err := m.Put(uint32(0), v); err != nil {
-		m.Close()
-		return nil, err
-	}
-	return m, nil
-}
-
-// PinnedVersion is the Version of the programs this datapath was loaded from.
-func (d *Datapath) PinnedVersion() (string, error) {
-	v := make([]byte, 32)
-	if err := d.VersionMap.Lookup(uint32(0), &v); err != nil {
-		return "", fmt.Errorf("reading the datapath version: %w", err)
-	}
-	return string(bytes.TrimRight(v, "\x00")), nil
 }
 
 func toC(c config.Config) cConfig {
@@ -99,14 +86,32 @@ func toC(c config.Config) cConfig {
 		OutboundPort: c.OutboundPort,
 		InboundPort:  c.InboundPort,
 		HbonePort:    c.HBONEPort,
+		RouteTable:   uint32(c.RouteTable),
+		RulePriority: uint32(c.RulePriority),
 	}
 }
 
-// Spec returns the programs with cfg written into their constants.
-func Spec(cfg config.Config) (*ebpf.CollectionSpec, error) {
-	if err := cfg.Validate(); err != nil {
-		return nil, err
+// mapSizes is the capacity of each shared map for a config; maps not named
+// keep the size they are compiled with (sk_orig is socket storage and has
+// none).
+func mapSizes(c config.Config) map[string]uint32 {
+	return map[string]uint32{
+		redirectMapPods:       c.MaxPods,
+		redirectMapLocalAddrs: c.MaxPods * 8,
+		redirectMapIfaces:     c.MaxPods * 4,
+		redirectMapCounters:   c.MaxPods * uint32(RuleMax),
+		redirectMapOutFlows:   c.MaxFlows,
+		redirectMapInFlows:    c.MaxFlows,
 	}
+}
+
+// SpecHook changes the object before it is loaded: a test seam, to load a
+// build that differs from the embedded one (an added map, a changed layout).
+type SpecHook func(*ebpf.CollectionSpec) error
+
+// Spec returns the programs with cfg (which must be valid) written into their
+// constants and the maps sized for it.
+func Spec(cfg config.Config, hook SpecHook) (*ebpf.CollectionSpec, error) {
 	spec, err := loadRedirect()
 	if err != nil {
 		return nil, err
@@ -114,56 +119,39 @@ func Spec(cfg config.Config) (*ebpf.CollectionSpec, error) {
 	if err := spec.Variables[redirectVarCfg].Set(toC(cfg)); err != nil {
 		return nil, fmt.Errorf("writing config constants: %w", err)
 	}
+	for name, n := range mapSizes(cfg) {
+		spec.Maps[name].MaxEntries = n
+	}
+	if hook != nil {
+		if err := hook(spec); err != nil {
+			return nil, err
+		}
+	}
 	return spec, nil
 }
 
+// isData tells the maps the loader makes of the object's global data
+// (.rodata...) from the maps the C code declares.
+func isData(name string) bool { return strings.HasPrefix(name, ".") }
+
 // Load loads the programs into the kernel, unpinned. A verifier rejection is
-// returned with the verifier's full log. Map sizes are the compiled ones,
-// unless MapSizesEnv overrides some (tests shrink maps through the CLI so).
-func Load(cfg config.Config) (*Datapath, error) {
-	sizes, err := ParseMapSizes(os.Getenv(MapSizesEnv))
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", MapSizesEnv, err)
-	}
-	return load(cfg, sizes, nil)
+// returned with the verifier's full log.
+func Load(cfg config.Config, o Options) (*Datapath, error) {
+	return load(cfg, o, nil)
 }
 
-// LoadWithSizes is Load with the capacity of some maps changed (map name to
-// max entries), to test what happens when a map is full.
-func LoadWithSizes(cfg config.Config, sizes MapSizes) (*Datapath, error) {
-	return load(cfg, sizes, nil)
-}
-
-// LoadReplacing loads the embedded programs on top of old's maps, so that an
-// upgrade keeps every pod's state (flows, counters, addresses). It fails if
-// the new programs' maps are not compatible with the pinned ones.
-func LoadReplacing(cfg config.Config, old *Datapath) (*Datapath, error) {
-	return load(cfg, nil, old)
-}
-
-func load(cfg config.Config, sizes MapSizes, old *Datapath) (*Datapath, error) {
+func load(cfg config.Config, o Options, replace map[string]*ebpf.Map) (*Datapath, error) {
 	if err := CheckKernel(); err != nil {
 		return nil, err
 	}
-	spec, err := Spec(cfg)
+	spec, err := Spec(cfg, o.Hook)
 	if err != nil {
 		return nil, err
 	}
-	if err := sizes.apply(spec); err != nil {
-		return nil, err
+	for name, m := range replace {
+		spec.Maps[name].MaxEntries = m.MaxEntries() // a pinned map keeps its size
 	}
-	var opts ebpf.CollectionOptions
-	if old != nil {
-		_, maps := old.objects()
-		opts.MapReplacements = map[string]*ebpf.Map{}
-		for name, m := range maps {
-			if ms, ok := spec.Maps[name]; ok && m != nil {
-				ms.MaxEntries = m.MaxEntries() // as loaded, even if resized
-				opts.MapReplacements[name] = m
-			}
-		}
-	}
-	coll, err := ebpf.NewCollectionWithOptions(spec, opts)
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: replace})
 	if err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
@@ -171,15 +159,23 @@ func load(cfg config.Config, sizes MapSizes, old *Datapath) (*Datapath, error) {
 		}
 		return nil, fmt.Errorf("loading eBPF programs: %w", err)
 	}
-	d := &Datapath{Rodata: coll.DetachMap(".rodata")}
-	err = coll.Assign(&d.redirectPrograms)
-	if err == nil {
-		err = coll.Assign(&d.redirectMaps)
+	defer coll.Close()
+	d := &Datapath{Rodata: coll.DetachMap(".rodata"), made: map[string]*ebpf.Map{}, schema: o.schema(), version: Version()}
+	for name, m := range coll.Maps {
+		if _, taken := replace[name]; !taken && !isData(name) {
+			d.made[name] = m
+		}
 	}
-	if err == nil {
-		d.VersionMap, err = newVersionMap()
+	if d.Meta, err = newMeta(); err == nil {
+		err = assign(coll, d)
 	}
-	coll.Close()
+	// Maps of the object the generated structs do not know (a test build's
+	// additions) stay with the datapath, to be pinned and closed with it.
+	for name := range coll.Maps {
+		if !isData(name) {
+			d.extra = append(d.extra, coll.DetachMap(name))
+		}
+	}
 	if err != nil {
 		d.Close()
 		return nil, err
@@ -187,62 +183,37 @@ func load(cfg config.Config, sizes MapSizes, old *Datapath) (*Datapath, error) {
 	return d, nil
 }
 
-// objects names every program and map for pinning.
-func (d *Datapath) objects() (map[string]*ebpf.Program, map[string]*ebpf.Map) {
-	return map[string]*ebpf.Program{
-			redirectProgPodConnect4:     d.PodConnect4,
-			redirectProgPodGetpeername4: d.PodGetpeername4,
-			redirectProgPodConnect6:     d.PodConnect6,
-			redirectProgPodGetpeername6: d.PodGetpeername6,
-			redirectProgPodSockops:      d.PodSockops,
-			redirectProgPodIngress:      d.PodIngress,
-			redirectProgPodEgress:       d.PodEgress,
-			redirectProgPodSockIngress:  d.PodSockIngress,
-			redirectProgProxyGetsockopt: d.ProxyGetsockopt,
-		}, map[string]*ebpf.Map{
-			redirectMapPods:       d.Pods,
-			redirectMapLocalAddrs: d.LocalAddrs,
-			redirectMapIfaces:     d.Ifaces,
-			redirectMapSkOrig:     d.SkOrig,
-			redirectMapOutFlows:   d.OutFlows,
-			redirectMapInFlows:    d.InFlows,
-			redirectMapCounters:   d.Counters,
-			"rodata":              d.Rodata,
-			"version":             d.VersionMap,
-		}
+// assign moves the collection's programs and maps into the generated structs.
+func assign(coll *ebpf.Collection, d *Datapath) error {
+	if err := coll.Assign(&d.redirectPrograms); err != nil {
+		return err
+	}
+	return coll.Assign(&d.redirectMaps)
 }
 
-// ProgramsByName are the programs, by their names in the object.
-func (d *Datapath) ProgramsByName() map[string]*ebpf.Program {
-	progs, _ := d.objects()
-	return progs
-}
+// Layout of a pinned datapath directory.
+const (
+	progsDir  = "progs" // progs/<name>: every program of the object
+	mapsDir   = "maps"  // maps/<name>: every map the C code declares
+	rodataPin = "rodata"
+	metaPin   = "meta"
+)
 
-// Repin replaces, in a datapath pinned in dir, the programs and the version
-// and constants with this datapath's (after an upgrade: the maps are shared).
-// Each pin is replaced by a rename, so a reader always finds a complete set.
-func (d *Datapath) Repin(dir string) error {
-	progs, maps := d.objects()
-	repin := func(name string, pin func(string) error) error {
-		final := filepath.Join(dir, name)
-		tmp := filepath.Join(dir, "new_"+name)
-		_ = os.Remove(tmp)
-		if err := pin(tmp); err != nil {
-			return err
-		}
-		return os.Rename(tmp, final)
+// specNames lists the object's programs and declared maps.
+func specNames() (progs, maps []string, err error) {
+	spec, err := loadRedirect()
+	if err != nil {
+		return nil, nil, err
 	}
-	for name, p := range progs {
-		if err := repin("prog_"+name, p.Pin); err != nil {
-			return fmt.Errorf("repinning %s: %w", name, err)
+	for name := range spec.Programs {
+		progs = append(progs, name)
+	}
+	for name := range spec.Maps {
+		if !isData(name) {
+			maps = append(maps, name)
 		}
 	}
-	for _, name := range []string{"rodata", "version"} {
-		if err := repin("map_"+name, maps[name].Pin); err != nil {
-			return fmt.Errorf("repinning %s: %w", name, err)
-		}
-	}
-	return nil
+	return progs, maps, nil
 }
 
 // Pin pins every program and map into dir, which must not exist yet. The pins
@@ -252,97 +223,187 @@ func (d *Datapath) Pin(dir string) error {
 	// bpffs rejects names with a dot.
 	tmp := fmt.Sprintf("%s_tmp_%d", dir, os.Getpid())
 	_ = os.RemoveAll(tmp)
-	if err := os.MkdirAll(tmp, 0o700); err != nil {
-		return err
-	}
-	progs, maps := d.objects()
-	var err error
-	for name, p := range progs {
-		if err = p.Pin(filepath.Join(tmp, "prog_"+name)); err != nil {
-			break
-		}
-	}
-	for name, m := range maps {
-		if err != nil {
-			break
-		}
-		err = m.Pin(filepath.Join(tmp, "map_"+name))
+	err := d.pinAll(tmp, func(pin func(string) error, path string) error { return pin(path) })
+	if err == nil {
+		err = d.writeMeta()
 	}
 	if err == nil {
 		err = os.Rename(tmp, dir)
 	}
 	if err != nil {
-		// Unpinning leaves the objects loaded; the caller still holds them.
-		for _, p := range progs {
-			_ = p.Unpin()
-		}
-		for _, m := range maps {
-			_ = m.Unpin()
-		}
+		d.unpinAll()
 		_ = os.RemoveAll(tmp)
 		return fmt.Errorf("pinning the datapath in %s: %w", dir, err)
 	}
 	return nil
 }
 
-// LoadPinned opens a datapath pinned by Pin and, if cfg is not nil, checks
-// that it was loaded with cfg.
-func LoadPinned(dir string, cfg *config.Config) (*Datapath, error) {
-	d := &Datapath{}
-	progs, maps := d.objects()
-	out := &Datapath{}
-	var err error
-	load := func() error {
-		for name := range progs {
-			p, err := ebpf.LoadPinnedProgram(filepath.Join(dir, "prog_"+name), nil)
-			if err != nil {
-				return err
-			}
-			progs[name] = p
+// pinAll pins every object below dir through pin (a plain pin, or a pin
+// that replaces an existing one).
+func (d *Datapath) pinAll(dir string, pin func(func(string) error, string) error) error {
+	for _, sub := range []string{progsDir, mapsDir} {
+		if err := os.MkdirAll(filepath.Join(dir, sub), 0o700); err != nil {
+			return err
 		}
-		for name := range maps {
-			m, err := ebpf.LoadPinnedMap(filepath.Join(dir, "map_"+name), nil)
-			if err != nil {
-				return err
-			}
-			maps[name] = m
-		}
-		return nil
 	}
-	err = load()
-	out.PodConnect4, out.PodGetpeername4, out.PodSockops = progs[redirectProgPodConnect4], progs[redirectProgPodGetpeername4], progs[redirectProgPodSockops]
-	out.PodConnect6, out.PodGetpeername6 = progs[redirectProgPodConnect6], progs[redirectProgPodGetpeername6]
-	out.PodIngress, out.PodEgress, out.ProxyGetsockopt = progs[redirectProgPodIngress], progs[redirectProgPodEgress], progs[redirectProgProxyGetsockopt]
-	out.PodSockIngress = progs[redirectProgPodSockIngress]
-	out.Pods, out.LocalAddrs, out.Ifaces = maps[redirectMapPods], maps[redirectMapLocalAddrs], maps[redirectMapIfaces]
-	out.SkOrig, out.OutFlows, out.InFlows, out.Counters = maps[redirectMapSkOrig], maps[redirectMapOutFlows], maps[redirectMapInFlows], maps[redirectMapCounters]
-	out.Rodata, out.VersionMap = maps["rodata"], maps["version"]
+	progs, maps := d.objects()
+	for name, p := range progs {
+		if err := pin(p.Pin, filepath.Join(dir, progsDir, name)); err != nil {
+			return fmt.Errorf("program %s: %w", name, err)
+		}
+	}
+	for name, m := range d.made {
+		if _, known := maps[name]; !known {
+			maps[name] = m // a test build's addition
+		}
+	}
+	for name, m := range maps {
+		if err := pin(m.Pin, filepath.Join(dir, mapsDir, name)); err != nil {
+			return fmt.Errorf("map %s: %w", name, err)
+		}
+	}
+	for name, m := range map[string]*ebpf.Map{rodataPin: d.Rodata, metaPin: d.Meta} {
+		if err := pin(m.Pin, filepath.Join(dir, name)); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+func (d *Datapath) unpinAll() {
+	progs, maps := d.objects()
+	for _, p := range progs {
+		_ = p.Unpin()
+	}
+	for _, m := range maps {
+		_ = m.Unpin()
+	}
+	_ = d.Rodata.Unpin()
+	_ = d.Meta.Unpin()
+}
+
+// objects are the generated structs' programs and maps, by name in the
+// object (reflection over the same tags Assign uses).
+func (d *Datapath) objects() (map[string]*ebpf.Program, map[string]*ebpf.Map) {
+	progs, maps := map[string]*ebpf.Program{}, map[string]*ebpf.Map{}
+	eachField(&d.redirectPrograms, func(name string, p *ebpf.Program) { progs[name] = p })
+	eachField(&d.redirectMaps, func(name string, m *ebpf.Map) { maps[name] = m })
+	return progs, maps
+}
+
+// Objects are every program and map of the datapath (the constants and the
+// meta included), for accounting.
+func (d *Datapath) Objects() ([]*ebpf.Program, []*ebpf.Map) {
+	progs, maps := d.objects()
+	var ps []*ebpf.Program
+	var ms []*ebpf.Map
+	for _, p := range progs {
+		ps = append(ps, p)
+	}
+	for _, m := range maps {
+		ms = append(ms, m)
+	}
+	return ps, append(ms, d.Rodata, d.Meta)
+}
+
+// PinnedVersion is the Version of the programs this datapath runs.
+func (d *Datapath) PinnedVersion() string { return d.version }
+
+// ProgramsByName are the programs, by their names in the object.
+func (d *Datapath) ProgramsByName() map[string]*ebpf.Program {
+	progs, _ := d.objects()
+	return progs
+}
+
+// Open opens a datapath pinned by Pin. It refuses a datapath of another
+// schema (see CheckSchema) and, if cfg is not nil, one loaded with another
+// config.
+func Open(dir string, cfg *config.Config, o Options) (*Datapath, error) {
+	meta, err := readMeta(dir)
 	if err != nil {
-		out.Close()
+		return nil, err
+	}
+	if err := meta.check(dir, o.schema()); err != nil {
+		return nil, err
+	}
+	progNames, mapNames, err := specNames()
+	if err != nil {
+		return nil, err
+	}
+	coll := &ebpf.Collection{Programs: map[string]*ebpf.Program{}, Maps: map[string]*ebpf.Map{}}
+	defer coll.Close()
+	d := &Datapath{schema: meta.Schema, version: meta.Version}
+	err = func() error {
+		for _, name := range progNames {
+			p, err := ebpf.LoadPinnedProgram(filepath.Join(dir, progsDir, name), nil)
+			if err != nil {
+				return err
+			}
+			coll.Programs[name] = p
+		}
+		for _, name := range mapNames {
+			m, err := ebpf.LoadPinnedMap(filepath.Join(dir, mapsDir, name), nil)
+			if err != nil {
+				return err
+			}
+			coll.Maps[name] = m
+		}
+		if d.Rodata, err = ebpf.LoadPinnedMap(filepath.Join(dir, rodataPin), nil); err != nil {
+			return err
+		}
+		if d.Meta, err = ebpf.LoadPinnedMap(filepath.Join(dir, metaPin), nil); err != nil {
+			return err
+		}
+		return assign(coll, d)
+	}()
+	if err != nil {
+		d.Close()
 		return nil, fmt.Errorf("opening the pinned datapath in %s: %w", dir, err)
 	}
 	if cfg == nil {
-		return out, nil
+		return d, nil
 	}
-	if got, err := out.Config(); err != nil || got != toC(*cfg) {
-		out.Close()
+	if got, err := d.LiveConfig(); err != nil || got != *cfg {
+		d.Close()
 		if err != nil {
 			return nil, err
 		}
-		return nil, fmt.Errorf("the datapath pinned in %s was loaded with a different config (%+v); detach every pod before changing it", dir, got)
+		return nil, fmt.Errorf("the datapath pinned in %s was loaded with a different config (%s); detach every pod before changing it", dir, configDiff(got, *cfg))
 	}
-	return out, nil
+	return d, nil
 }
 
-// Config reads back the constants the programs were loaded with.
-func (d *Datapath) Config() (cConfig, error) {
+// configDiff names the fields in which the pinned config differs from the
+// requested one.
+func configDiff(pinned, want config.Config) string {
+	var out []string
+	add := func(name string, a, b any) {
+		if a != b {
+			out = append(out, fmt.Sprintf("%s %v, not %v", name, a, b))
+		}
+	}
+	add("outbound port", pinned.OutboundPort, want.OutboundPort)
+	add("inbound port", pinned.InboundPort, want.InboundPort)
+	add("hbone port", pinned.HBONEPort, want.HBONEPort)
+	add("probe address", pinned.ProbeAddr, want.ProbeAddr)
+	add("proxy mark", fmt.Sprintf("%#x", pinned.ProxyMark), fmt.Sprintf("%#x", want.ProxyMark))
+	add("connection mark", fmt.Sprintf("%#x", pinned.ConnMark), fmt.Sprintf("%#x", want.ConnMark))
+	add("mark mask", fmt.Sprintf("%#x", pinned.MarkMask), fmt.Sprintf("%#x", want.MarkMask))
+	add("route table", pinned.RouteTable, want.RouteTable)
+	add("rule priority", pinned.RulePriority, want.RulePriority)
+	add("max pods", pinned.MaxPods, want.MaxPods)
+	add("max flows", pinned.MaxFlows, want.MaxFlows)
+	return strings.Join(out, "; ")
+}
+
+// rawConfig reads back the constants the programs were loaded with.
+func (d *Datapath) rawConfig() (cConfig, error) {
 	var c cConfig
 	var raw []byte
 	if err := d.Rodata.Lookup(uint32(0), &raw); err != nil {
 		return c, fmt.Errorf("reading the datapath's constants: %w", err)
 	}
-	// cfg is the first (and only) variable in .rodata of interest; it sits at
-	// the offset the object's BTF gives it.
+	// cfg sits at the offset the object's BTF gives it.
 	spec, err := loadRedirect()
 	if err != nil {
 		return c, err
@@ -356,35 +417,33 @@ func (d *Datapath) Config() (cConfig, error) {
 	return c, err
 }
 
+// LiveConfig is the config the pinned programs run with: their constants and
+// the sizes of their maps.
+func (d *Datapath) LiveConfig() (config.Config, error) {
+	c, err := d.rawConfig()
+	if err != nil {
+		return config.Config{}, err
+	}
+	var a [4]byte
+	binary.NativeEndian.PutUint32(a[:], c.ProbeAddr)
+	return config.Config{
+		OutboundPort: c.OutboundPort, InboundPort: c.InboundPort, HBONEPort: c.HbonePort,
+		ProbeAddr: netip.AddrFrom4(a),
+		ProxyMark: c.ProxyMark, ConnMark: c.ConnMark, MarkMask: c.MarkMask,
+		RouteTable: int(c.RouteTable), RulePriority: int(c.RulePriority),
+		MaxPods: d.Pods.MaxEntries(), MaxFlows: d.OutFlows.MaxEntries(),
+	}, nil
+}
+
 // Close releases this process's handles; pinned objects stay in the kernel.
 func (d *Datapath) Close() {
-	progs, maps := d.objects()
-	for _, p := range progs {
-		if p != nil {
-			p.Close()
-		}
-	}
-	for _, m := range maps {
+	_ = d.redirectPrograms.Close()
+	_ = d.redirectMaps.Close()
+	for _, m := range append([]*ebpf.Map{d.Rodata, d.Meta}, d.extra...) {
 		if m != nil {
 			m.Close()
 		}
 	}
-}
-
-// LiveConfig is the config the pinned programs run with (route table and
-// rule priority are not the programs' business and stay at their defaults).
-func (d *Datapath) LiveConfig() (config.Config, error) {
-	c, err := d.Config()
-	if err != nil {
-		return config.Config{}, err
-	}
-	out := config.Default()
-	var a [4]byte
-	binary.NativeEndian.PutUint32(a[:], c.ProbeAddr)
-	out.ProbeAddr = netip.AddrFrom4(a)
-	out.ProxyMark, out.ConnMark, out.MarkMask = c.ProxyMark, c.ConnMark, c.MarkMask
-	out.OutboundPort, out.InboundPort, out.HBONEPort = c.OutboundPort, c.InboundPort, c.HbonePort
-	return out, nil
 }
 
 // Counts sums the per-CPU counters of one pod, by rule.
@@ -403,5 +462,69 @@ func (d *Datapath) Counts(netns uint64) (map[Rule]uint64, error) {
 			out[r] += v
 		}
 	}
+	return out, nil
+}
+
+// Explain runs the programs' own rule functions on q (bpf/explain.c) and
+// returns q with the answer filled in.
+func (d *Datapath) Explain(q ExplainQuery) (ExplainQuery, error) {
+	var out ExplainQuery
+	if _, err := d.redirectPrograms.Explain.Run(&ebpf.RunOptions{Context: q, ContextOut: &out}); err != nil {
+		return out, fmt.Errorf("running explain: %w", err)
+	}
+	return out, nil
+}
+
+// Hook is a program of the object and where it attaches.
+type Hook struct {
+	Name    string // the program's name, also the name of its link's pin
+	Attach  ebpf.AttachType
+	Program *ebpf.Program
+}
+
+// Where hooks attach: the pod's cgroup, the proxy's cgroup, or tc on the
+// pod's interfaces.
+const (
+	ScopePod   = "pod"
+	ScopeProxy = "proxy"
+	ScopeTC    = "tc"
+)
+
+// Hooks are the programs attached at scope, from the object itself: a
+// program's name says whose it is (pod_, proxy_), its section where it
+// attaches. So a new hook needs only its C function. Within one schema the
+// set of programs does not change (see Schema).
+func (d *Datapath) Hooks(scope string) ([]Hook, error) {
+	hooks, err := HookSpecs(scope)
+	if err != nil {
+		return nil, err
+	}
+	progs, _ := d.objects()
+	for i := range hooks {
+		hooks[i].Program = progs[hooks[i].Name]
+	}
+	return hooks, nil
+}
+
+// HookSpecs are the hooks of scope, without their loaded programs: what a
+// pod's links are named and where they attach.
+func HookSpecs(scope string) ([]Hook, error) {
+	spec, err := loadRedirect()
+	if err != nil {
+		return nil, err
+	}
+	var out []Hook
+	for name, ps := range spec.Programs {
+		owner, _, _ := strings.Cut(name, "_")
+		s := owner
+		if ps.Type == ebpf.SchedCLS {
+			s = ScopeTC
+		}
+		if s != scope || (owner != ScopePod && owner != ScopeProxy) {
+			continue
+		}
+		out = append(out, Hook{Name: name, Attach: ps.AttachType})
+	}
+	slices.SortFunc(out, func(a, b Hook) int { return strings.Compare(a.Name, b.Name) })
 	return out, nil
 }

@@ -4,13 +4,14 @@ import (
 	"encoding/binary"
 	"errors"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/ebpf-redirect/ebpf-redirect/internal/config"
-	"github.com/ebpf-redirect/ebpf-redirect/internal/privtest"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/privtest"
 )
 
 // Verdicts of a tcx program.
@@ -374,14 +375,16 @@ func TestEgressLeavesOthersAlone(t *testing.T) {
 	}
 }
 
-func TestPinAndLoadPinned(t *testing.T) {
+func TestPinAndOpen(t *testing.T) {
 	requireBPF(t)
 	dir := t.TempDir()
 	if err := unix.Mount("bpf", dir, "bpf", 0, ""); err != nil {
 		t.Skipf("cannot mount bpffs (needs CAP_SYS_ADMIN): %v", err)
 	}
 	t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
-	dp, err := Load(config.Default())
+	cfg := config.Default()
+	cfg.RouteTable, cfg.MaxFlows = 321, 1024
+	dp, err := Load(cfg, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -389,15 +392,38 @@ func TestPinAndLoadPinned(t *testing.T) {
 	if err := dp.Pin(dir + "/dp"); err != nil {
 		t.Fatal(err)
 	}
-	cfg := config.Default()
-	again, err := LoadPinned(dir+"/dp", &cfg)
+	again, err := Open(dir+"/dp", &cfg, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	live, err := again.LiveConfig()
 	again.Close()
-	other := config.Default()
-	other.InboundPort = 15999
-	if _, err := LoadPinned(dir+"/dp", &other); err == nil {
-		t.Fatal("LoadPinned accepted a datapath loaded with a different config")
+	if err != nil || live != cfg {
+		t.Fatalf("live config %+v (%v), loaded with %+v", live, err, cfg)
+	}
+	for name, mod := range map[string]func(*config.Config){
+		"inbound port": func(c *config.Config) { c.InboundPort = 15999 },
+		"route table":  func(c *config.Config) { c.RouteTable = 100 },
+		"max flows":    func(c *config.Config) { c.MaxFlows = 65536 },
+	} {
+		other := cfg
+		mod(&other)
+		if _, err := Open(dir+"/dp", &other, Options{}); err == nil || !strings.Contains(err.Error(), name) {
+			t.Errorf("Open with another %s: %v", name, err)
+		}
+	}
+	if _, err := Open(dir+"/dp", nil, Options{Schema: Schema + 1}); !errors.Is(err, ErrUpgradeNeeded) {
+		t.Errorf("a binary of a newer schema opened an older store: %v", err)
+	}
+	newer, err := Load(cfg, Options{Schema: Schema + 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer newer.Close()
+	if err := newer.Pin(dir + "/newer"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(dir+"/newer", nil, Options{}); !errors.Is(err, ErrNewerSchema) {
+		t.Errorf("a binary of an older schema opened a newer store: %v", err)
 	}
 }

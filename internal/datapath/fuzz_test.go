@@ -9,6 +9,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/ebpf-redirect/ebpf-redirect/internal/config"
 )
 
 // The tc programs run on whatever arrives. Fuzzed through BPF_PROG_TEST_RUN,
@@ -112,7 +114,7 @@ func fuzzInput(data []byte) bool { return len(data) >= 14 && len(data) <= 4096 }
 
 func FuzzIngress(f *testing.F) {
 	fuzzSeeds(f)
-	fx := newSizedFixture(f, MapSizes{"in_flows": 64})
+	fx := newSizedFixture(f, func(c *config.Config) { c.MaxFlows = 64 })
 	f.Fuzz(func(t *testing.T, data []byte, mark uint32) {
 		if !fuzzInput(data) {
 			return
@@ -161,7 +163,7 @@ func FuzzIngress(f *testing.F) {
 
 func FuzzEgress(f *testing.F) {
 	fuzzSeeds(f)
-	fx := newSizedFixture(f, MapSizes{"in_flows": 64})
+	fx := newSizedFixture(f, func(c *config.Config) { c.MaxFlows = 64 })
 	f.Fuzz(func(t *testing.T, data []byte, mark uint32) {
 		if !fuzzInput(data) {
 			return

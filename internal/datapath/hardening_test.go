@@ -6,7 +6,6 @@ import (
 	"errors"
 	"net"
 	"net/netip"
-	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -17,10 +16,14 @@ import (
 
 const tcxRedirect = 7
 
-// newSizedFixture is newFixture with some maps shrunk.
-func newSizedFixture(t testing.TB, sizes MapSizes) *fixture {
+// newSizedFixture is newFixture with a config of other capacities.
+func newSizedFixture(t testing.TB, size func(*config.Config)) *fixture {
 	requireBPF(t)
-	dp, err := LoadWithSizes(config.Default(), sizes)
+	cfg := config.Default()
+	if size != nil {
+		size(&cfg)
+	}
+	dp, err := Load(cfg, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -260,53 +263,22 @@ func TestSockIngressRefusesUncapturedInterfaces(t *testing.T) {
 	t.Run("SYN on a captured interface", func(t *testing.T) { check(t, syn, other, 1) })
 }
 
-func TestParseMapSizes(t *testing.T) {
-	got, err := ParseMapSizes(" out_flows=16, in_flows=4 ")
-	if err != nil || got["out_flows"] != 16 || got["in_flows"] != 4 || len(got) != 2 {
-		t.Fatalf("got %v, %v", got, err)
-	}
-	if got, err := ParseMapSizes(""); err != nil || len(got) != 0 {
-		t.Fatalf("empty: %v, %v", got, err)
-	}
-	for _, bad := range []string{"out_flows", "out_flows=", "out_flows=0", "out_flows=-1", "sk_orig=4",
-		"nope=4", "out_flows=4,out_flows=5", "out_flows=99999999999", "out_flows=16777217", ","} {
-		if _, err := ParseMapSizes(bad); err == nil {
-			t.Errorf("ParseMapSizes(%q) accepted", bad)
-		}
-	}
-}
-
-func FuzzParseMapSizes(f *testing.F) {
-	for _, s := range []string{"", "out_flows=16", "pods=1,ifaces=2", "x=y", "in_flows=0", ",,", "=3"} {
-		f.Add(s)
-	}
-	f.Fuzz(func(t *testing.T, s string) {
-		m, err := ParseMapSizes(s)
-		if err != nil {
-			return
-		}
-		for name, n := range m {
-			if n == 0 || n > maxMapSize || name == redirectMapSkOrig || !strings.Contains(s, name) {
-				t.Fatalf("%q accepted as %v", s, m)
-			}
-		}
-	})
-}
-
 // A full map of per-pod state refuses the new entry: attach fails cleanly
 // instead of leaving a pod half described.
 func TestShrunkMapsAreFull(t *testing.T) {
-	f := newSizedFixture(t, MapSizes{"pods": 1, "local_addrs": 1})
+	f := newSizedFixture(t, func(c *config.Config) { c.MaxPods = 1 })
 	if err := f.dp.Pods.Put(uint64(1), PodInfo{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := f.dp.Pods.Put(uint64(2), PodInfo{}); err == nil {
 		t.Fatal("a pods map of 1 entry took a second one")
 	}
-	if err := f.dp.LocalAddrs.Put(LocalKey{Netns: 1, Addr: 1}, uint8(1)); err != nil {
-		t.Fatal(err)
+	for a := uint32(1); a <= 8; a++ {
+		if err := f.dp.LocalAddrs.Put(LocalKey{Netns: 1, Addr: a}, uint8(1)); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if err := f.dp.LocalAddrs.Put(LocalKey{Netns: 1, Addr: 2}, uint8(1)); err == nil {
-		t.Fatal("a local_addrs map of 1 entry took a second one")
+	if err := f.dp.LocalAddrs.Put(LocalKey{Netns: 1, Addr: 9}, uint8(1)); err == nil {
+		t.Fatal("a local_addrs map sized for 1 pod (8 addresses) took a ninth")
 	}
 }

@@ -23,6 +23,8 @@ type redirectConfig struct {
 	InboundPort  uint16
 	HbonePort    uint16
 	Pad          uint16
+	RouteTable   uint32
+	RulePriority uint32
 }
 
 type redirectCounterKey struct {
@@ -30,6 +32,22 @@ type redirectCounterKey struct {
 	Netns uint64
 	Rule  redirectRule
 	Pad   uint32
+}
+
+type redirectExplainQuery struct {
+	_       structs.HostLayout
+	Netns   uint64
+	Src     uint32
+	Dst     uint32
+	Dport   uint16
+	Inbound uint8
+	Proto   uint8
+	Mark    uint32
+	Ifindex uint32
+	Rule    uint32
+	ToIp    uint32
+	ToPort  uint16
+	Pad     uint16
 }
 
 type redirectFlowKey struct {
@@ -117,6 +135,7 @@ const (
 	redirectMapOutFlows         = "out_flows"
 	redirectMapPods             = "pods"
 	redirectMapSkOrig           = "sk_orig"
+	redirectProgExplain         = "explain"
 	redirectProgPodConnect4     = "pod_connect4"
 	redirectProgPodConnect6     = "pod_connect6"
 	redirectProgPodEgress       = "pod_egress"
@@ -171,6 +190,7 @@ type redirectSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type redirectProgramSpecs struct {
+	Explain         *ebpf.ProgramSpec `ebpf:"explain"`
 	PodConnect4     *ebpf.ProgramSpec `ebpf:"pod_connect4"`
 	PodConnect6     *ebpf.ProgramSpec `ebpf:"pod_connect6"`
 	PodEgress       *ebpf.ProgramSpec `ebpf:"pod_egress"`
@@ -254,6 +274,7 @@ type redirectVariables struct {
 //
 // It can be passed to loadRedirectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type redirectPrograms struct {
+	Explain         *ebpf.Program `ebpf:"explain"`
 	PodConnect4     *ebpf.Program `ebpf:"pod_connect4"`
 	PodConnect6     *ebpf.Program `ebpf:"pod_connect6"`
 	PodEgress       *ebpf.Program `ebpf:"pod_egress"`
@@ -267,6 +288,7 @@ type redirectPrograms struct {
 
 func (p *redirectPrograms) Close() error {
 	return _RedirectClose(
+		p.Explain,
 		p.PodConnect4,
 		p.PodConnect6,
 		p.PodEgress,

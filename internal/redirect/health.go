@@ -7,6 +7,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/ebpf-redirect/ebpf-redirect/internal/cgroup"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/datapath"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/podnet"
 )
 
@@ -42,10 +43,8 @@ func health(s *store, r *Record) error {
 		return fmt.Errorf("netns %s is another namespace now", r.Netns)
 	}
 	dir := s.podDir(r.ID)
-	for _, h := range cgroupHooks {
-		if err := linkAlive(filepath.Join(dir, h.pin)); err != nil {
-			return err
-		}
+	if err := linksAlive(dir, datapath.ScopePod); err != nil {
+		return err
 	}
 	for _, a := range r.TC {
 		if err := tcPresent(ns, a, dir); err != nil {
@@ -53,8 +52,22 @@ func health(s *store, r *Record) error {
 		}
 	}
 	if r.ProxyCgroupID != 0 {
-		if err := linkAlive(s.proxyPin(r.ProxyCgroupID)); err != nil {
+		if err := linksAlive(s.proxyDir(r.ProxyCgroupID), datapath.ScopeProxy); err != nil {
 			return fmt.Errorf("proxy %w", err)
+		}
+	}
+	return nil
+}
+
+// linksAlive checks the link of every hook of scope pinned in dir.
+func linksAlive(dir, scope string) error {
+	hooks, err := datapath.HookSpecs(scope)
+	if err != nil {
+		return err
+	}
+	for _, h := range hooks {
+		if err := linkAlive(filepath.Join(dir, h.Name)); err != nil {
+			return err
 		}
 	}
 	return nil
@@ -92,7 +105,7 @@ func statusOf(s *store, r *Record) Status {
 
 // List returns every recorded pod with its state.
 func List(o Options) ([]Status, error) {
-	s, err := openStore(o.Root)
+	s, err := openStore(o, false)
 	if err != nil {
 		return nil, err
 	}
@@ -113,7 +126,7 @@ func Get(o Options, id string) (Status, error) {
 	if err := ValidatePodID(id); err != nil {
 		return Status{}, err
 	}
-	s, err := openStore(o.Root)
+	s, err := openStore(o, false)
 	if err != nil {
 		return Status{}, err
 	}

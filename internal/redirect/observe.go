@@ -4,7 +4,11 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"slices"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/ebpf-redirect/ebpf-redirect/internal/config"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/datapath"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/rules"
 )
@@ -12,44 +16,55 @@ import (
 // Counts is how many connections each rule took for one pod.
 type Counts map[datapath.Rule]uint64
 
-// Stats reads one pod's per-rule counters.
-func Stats(o Options, id string) (Counts, error) {
+// Stats reads one pod's per-rule counters, and the config the datapath runs
+// with (to render the rules).
+func Stats(o Options, id string) (Counts, config.Config, error) {
 	s, rec, dp, err := openPod(o, id)
 	if err != nil {
-		return nil, err
+		return nil, config.Config{}, err
 	}
 	defer s.Close()
-	return dp.Counts(rec.NetnsCookie)
+	cfg, err := dp.LiveConfig()
+	if err != nil {
+		return nil, cfg, err
+	}
+	c, err := dp.Counts(rec.NetnsCookie)
+	return c, cfg, err
 }
 
 // StatsAll reads every pod's counters.
-func StatsAll(o Options) (map[string]Counts, error) {
-	s, err := openStore(o.Root)
+func StatsAll(o Options) (map[string]Counts, config.Config, error) {
+	s, err := openStore(o, false)
 	if err != nil {
-		return nil, err
+		return nil, config.Config{}, err
 	}
 	defer s.Close()
 	recs, err := s.all()
 	if err != nil || len(recs) == 0 {
-		return map[string]Counts{}, err
+		return map[string]Counts{}, config.Config{}, err
 	}
-	dp, err := s.datapath(nil, o.log())
+	dp, err := s.datapath(nil, o)
 	if err != nil {
-		return nil, err
+		return nil, config.Config{}, err
+	}
+	cfg, err := dp.LiveConfig()
+	if err != nil {
+		return nil, cfg, err
 	}
 	out := map[string]Counts{}
 	for _, r := range recs {
 		c, err := dp.Counts(r.NetnsCookie)
 		if err != nil {
-			return nil, err
+			return nil, cfg, err
 		}
 		out[r.ID] = c
 	}
-	return out, nil
+	return out, cfg, nil
 }
 
-// Explain decides q for the pod from the live state: the constants the
-// pinned programs run with and the pod's entries in the maps.
+// Explain asks the pinned programs' own rule functions (bpf/explain.c) how
+// they decide q for the pod, against the pod's live map entries and the
+// constants they run with, and words the answer.
 func Explain(o Options, id string, q rules.Query) (rules.Decision, error) {
 	s, rec, dp, err := openPod(o, id)
 	if err != nil {
@@ -60,34 +75,61 @@ func Explain(o Options, id string, q rules.Query) (rules.Decision, error) {
 	if err != nil {
 		return rules.Decision{}, err
 	}
-	cfg.RouteTable = rec.Route.Table
-	pod := rules.Pod{Local: map[netip.Addr]bool{}}
-	var k datapath.LocalKey
-	var v uint8
-	it := dp.LocalAddrs.Iterate()
-	for it.Next(&k, &v) {
-		if k.Netns == rec.NetnsCookie {
-			pod.Local[addrOf(k.Addr)] = true
+	if !q.Dst.Addr().Is4() || (q.Inbound && !q.Src.Addr().Is4()) {
+		return rules.Decision{}, fmt.Errorf("explain: only IPv4 is captured (%s)", q.Dst)
+	}
+	eq := datapath.ExplainQuery{
+		Netns: rec.NetnsCookie,
+		Dst:   ip4(q.Dst.Addr()),
+		Dport: q.Dst.Port(),
+		Mark:  q.Mark,
+		Proto: unix.IPPROTO_TCP,
+	}
+	if q.UDP {
+		eq.Proto = unix.IPPROTO_UDP
+	}
+	if q.Inbound {
+		eq.Inbound, eq.Src = 1, ip4(q.Src.Addr())
+		if eq.Ifindex, err = rec.arrival(q.Iface, q.Dst.Addr()); err != nil {
+			return rules.Decision{}, err
+		}
+	} else if q.Device != "" {
+		if eq.Ifindex, err = rec.ifindex(q.Device); err != nil {
+			return rules.Decision{}, err
 		}
 	}
-	if err := it.Err(); err != nil {
+	ans, err := dp.Explain(eq)
+	if err != nil {
 		return rules.Decision{}, err
 	}
-	// Inbound: the interface whose subnet holds the destination, else the
-	// first one (the pod's usual single interface).
-	for i, ifc := range rec.Ifaces {
-		var info datapath.IfaceInfo
-		if err := dp.Ifaces.Lookup(datapath.IfaceKey{Netns: rec.NetnsCookie, Ifindex: uint32(ifc.Index)}, &info); err != nil {
-			return rules.Decision{}, fmt.Errorf("interface %s of pod %s: %w", ifc.Name, id, err)
-		}
-		if i == 0 || addrOf(info.PrimaryIp) == q.Dst.Addr() {
-			pod.Primary = addrOf(info.PrimaryIp)
-		}
-		if info.PrimaryIp == 0 {
-			pod.Primary = netip.Addr{}
+	to := netip.AddrPortFrom(addrOf(ans.ToIp), ans.ToPort)
+	return rules.Describe(cfg, q, datapath.Rule(ans.Rule), to), nil
+}
+
+// ifindex names one of the pod's interfaces by name ("lo" included).
+func (r *Record) ifindex(name string) (uint32, error) {
+	if name == "lo" {
+		return 1, nil
+	}
+	i := slices.IndexFunc(r.Ifaces, func(x Iface) bool { return x.Name == name })
+	if i < 0 {
+		return 0, fmt.Errorf("pod %s has no interface %s", r.ID, name)
+	}
+	return uint32(r.Ifaces[i].Index), nil
+}
+
+// arrival is the interface an inbound connection to dst arrives on: the one
+// named, else the one whose primary address dst is, else the first.
+func (r *Record) arrival(name string, dst netip.Addr) (uint32, error) {
+	if name != "" {
+		return r.ifindex(name)
+	}
+	for _, ifc := range r.Ifaces {
+		if ifc.Primary == dst.String() {
+			return uint32(ifc.Index), nil
 		}
 	}
-	return rules.Decide(cfg, pod, q), nil
+	return uint32(r.Ifaces[0].Index), nil
 }
 
 func addrOf(v uint32) netip.Addr {
@@ -101,7 +143,7 @@ func openPod(o Options, id string) (*store, *Record, *datapath.Datapath, error) 
 	if err := ValidatePodID(id); err != nil {
 		return nil, nil, nil, err
 	}
-	s, err := openStore(o.Root)
+	s, err := openStore(o, false)
 	if err != nil {
 		return nil, nil, nil, err
 	}
@@ -111,7 +153,7 @@ func openPod(o Options, id string) (*store, *Record, *datapath.Datapath, error) 
 	}
 	var dp *datapath.Datapath
 	if err == nil {
-		dp, err = s.datapath(nil, o.log())
+		dp, err = s.datapath(nil, o)
 	}
 	if err != nil {
 		s.Close()

@@ -25,9 +25,6 @@ type Report struct {
 // One pod's failure does not stop the others; they are all in the report.
 func Reconcile(ctx context.Context, o Options, live []Pod) (Report, error) {
 	rep := Report{Failed: map[string]string{}}
-	if err := o.Config.Validate(); err != nil {
-		return rep, fmt.Errorf("config: %w", err)
-	}
 	want := map[string]Pod{}
 	for _, p := range live {
 		if err := ValidatePodID(p.ID); err != nil {
@@ -38,7 +35,7 @@ func Reconcile(ctx context.Context, o Options, live []Pod) (Report, error) {
 		}
 		want[p.ID] = p
 	}
-	s, err := openStore(o.Root)
+	s, err := openStore(o, false)
 	if err != nil {
 		return rep, err
 	}

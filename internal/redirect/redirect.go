@@ -26,10 +26,21 @@ import (
 
 // Options says where the pins live, what the rules are, and how to attach.
 type Options struct {
-	Root   string // a directory on bpffs; DefaultRoot if empty
+	Root string // a directory on bpffs; DefaultRoot if empty
+	// Config is the node's config, already validated (manager.New does it).
 	Config config.Config
 	TCMode TCMode // "" means TCAuto
 	Log    *slog.Logger
+	// MountBPFFS mounts a bpffs at /sys/fs/bpf when Root is DefaultRoot and
+	// none is mounted there, as node agents do on a fresh machine.
+	MountBPFFS bool
+
+	// Test seams; the product never sets them.
+	// BeforeStep runs before each step of an attach (see attachSteps); an
+	// error fails the attach at that step.
+	BeforeStep func(step string) error
+	// Datapath loads another build than the embedded one (upgrade tests).
+	Datapath datapath.Options
 }
 
 func (o Options) log() *slog.Logger {
@@ -63,41 +74,9 @@ var (
 	ErrNotAttached     = errors.New("not attached")
 )
 
-// FaultEnv names an environment variable for tests: set to a step name
-// ("maps", "route", "tc", "cgroup", "proxy", "done") it makes Attach fail just
-// before that step, to prove the unwinding leaves nothing behind. CrashEnv
-// does the same with SIGKILL, to prove Reconcile cleans up after a crash.
-const (
-	FaultEnv = "EBPF_REDIRECT_FAULT_BEFORE"
-	CrashEnv = "EBPF_REDIRECT_CRASH_BEFORE"
-)
-
 // sysctlAcceptLocal lets lo accept the replies the egress program sends back
 // in with a local source address (the 0x111 return path).
 const sysctlAcceptLocal = "net.ipv4.conf.lo.accept_local"
-
-// cgroupHooks are the pod's cgroup programs, by pin name.
-var cgroupHooks = []struct {
-	pin    string
-	attach ebpf.AttachType
-	prog   func(*datapath.Datapath) *ebpf.Program
-}{
-	{"cgroup_connect4", ebpf.AttachCGroupInet4Connect, func(d *datapath.Datapath) *ebpf.Program { return d.PodConnect4 }},
-	{"cgroup_getpeername4", ebpf.AttachCgroupInet4GetPeername, func(d *datapath.Datapath) *ebpf.Program { return d.PodGetpeername4 }},
-	{"cgroup_connect6", ebpf.AttachCGroupInet6Connect, func(d *datapath.Datapath) *ebpf.Program { return d.PodConnect6 }},
-	{"cgroup_getpeername6", ebpf.AttachCgroupInet6GetPeername, func(d *datapath.Datapath) *ebpf.Program { return d.PodGetpeername6 }},
-	{"cgroup_sockops", ebpf.AttachCGroupSockOps, func(d *datapath.Datapath) *ebpf.Program { return d.PodSockops }},
-	// Refuses new inbound connections that arrive on an interface without the
-	// tc programs (added after attach, not yet refreshed): fail closed.
-	{"cgroup_skb_ingress", ebpf.AttachCGroupInetIngress, func(d *datapath.Datapath) *ebpf.Program { return d.PodSockIngress }},
-}
-
-func tcProg(d *datapath.Datapath, ingress bool) *ebpf.Program {
-	if ingress {
-		return d.PodIngress
-	}
-	return d.PodEgress
-}
 
 func ip4(a netip.Addr) uint32 {
 	b := a.As4()
@@ -156,19 +135,17 @@ func (r *resolved) same(rec *Record) bool {
 }
 
 // Attach captures one pod. Either everything is attached and pinned, or
-// nothing is (every step done is undone on failure), and no other pod is
-// touched. Attaching an attached pod with the same netns and cgroups is a
-// no-op (Result.AlreadyAttached); with different ones it is an error.
+// nothing is (a failed attach is undone by the code detach uses), and no
+// other pod is touched. Attaching an attached pod with the same netns and
+// cgroups is a no-op (Result.AlreadyAttached); with different ones it is an
+// error.
 func Attach(ctx context.Context, o Options, p Pod) (Result, error) {
-	if err := o.Config.Validate(); err != nil {
-		return Result{}, fmt.Errorf("config: %w", err)
-	}
 	r, err := resolve(p)
 	if err != nil {
 		return Result{}, err
 	}
 	defer r.ns.Close()
-	s, err := openStore(o.Root)
+	s, err := openStore(o, false)
 	if err != nil {
 		return Result{}, err
 	}
@@ -176,24 +153,56 @@ func Attach(ctx context.Context, o Options, p Pod) (Result, error) {
 	return attachLocked(ctx, o, s, r)
 }
 
-func attachLocked(ctx context.Context, o Options, s *store, r *resolved) (res Result, err error) {
-	p := r.Pod
-	if old, err := s.get(p.ID); err != nil {
+func attachLocked(ctx context.Context, o Options, s *store, r *resolved) (Result, error) {
+	res, done, err := s.adopt(o, r)
+	if done || err != nil {
 		return res, err
-	} else if old != nil {
+	}
+	dp, err := s.datapath(&o.Config, o)
+	if err != nil {
+		return res, err
+	}
+	a := &attachment{o: o, s: s, r: r, dp: dp, rec: newRecord(o, r)}
+	for _, st := range a.steps() {
+		err := ctx.Err()
+		if err == nil && o.BeforeStep != nil {
+			err = o.BeforeStep(st.name)
+		}
+		if err == nil {
+			o.log().Debug("attach step", "pod", r.ID, "step", st.name)
+			err = st.run()
+		}
+		if err != nil {
+			// The record says what was done so far; detach undoes exactly that.
+			err = fmt.Errorf("attaching pod %s: step %s: %w", r.ID, st.name, err)
+			return res, errors.Join(err, detachLocked(o, s, a.rec), s.pruneIfEmpty(o.log()))
+		}
+	}
+	o.log().Info("attached", "pod", r.ID, "netns", r.Netns, "cgroup", r.Cgroup, "ifaces", len(a.rec.Ifaces), "pod_ip", a.rec.PodIP, "tc", a.rec.TC[0].Mode)
+	return res, nil
+}
+
+// adopt decides what to do with a pod already recorded: nothing (healthy and
+// the same: done), or remove what is left of it first (half attached, or
+// broken). It also refuses a netns or cgroup that another pod holds.
+func (s *store) adopt(o Options, r *resolved) (res Result, done bool, err error) {
+	old, err := s.get(r.ID)
+	if err != nil {
+		return res, false, err
+	}
+	if old != nil {
 		if !r.same(old) {
-			return res, fmt.Errorf("pod %s: %w with netns %s and cgroup %s; detach it before attaching it elsewhere", p.ID, ErrAlreadyAttached, old.Netns, old.Cgroup)
+			return res, false, fmt.Errorf("pod %s: %w with netns %s and cgroup %s; detach it before attaching it elsewhere", r.ID, ErrAlreadyAttached, old.Netns, old.Cgroup)
 		}
 		var problem error = errors.New("attach never finished")
 		if old.State == stateAttached {
 			if problem = health(s, old); problem == nil {
-				return Result{AlreadyAttached: true}, nil
+				return Result{AlreadyAttached: true}, true, nil
 			}
 		}
-		// Half attached (a crash) or broken: start again from nothing.
-		o.log().Warn("repairing pod", "pod", p.ID, "state", old.State, "problem", problem)
+		o.log().Warn("repairing pod", "pod", r.ID, "state", old.State, "problem", problem)
 		if err := detachLocked(o, s, old); err != nil {
-			return res, fmt.Errorf("pod %s: removing a broken attach: %w", p.ID, err)
+			return res, false, fmt.Errorf("pod %s: removing a broken attach: %w", r.ID, err)
 		}
 		res.Repaired = true
 	}
@@ -201,30 +210,21 @@ func attachLocked(ctx context.Context, o Options, s *store, r *resolved) (res Re
 		kind uint64
 		id   uint64
 		what string
-	}{{ownerNetns, r.cookie, "netns " + p.Netns}, {ownerCgroup, r.cg.ID, "cgroup " + p.Cgroup}} {
+	}{{ownerNetns, r.cookie, "netns " + r.Netns}, {ownerCgroup, r.cg.ID, "cgroup " + r.Cgroup}} {
 		if other, err := s.owner(c.kind, c.id); err != nil {
-			return res, err
-		} else if other != "" && other != p.ID {
-			return res, fmt.Errorf("%s is already attached as pod %s", c.what, other)
+			return res, false, err
+		} else if other != "" && other != r.ID {
+			return res, false, fmt.Errorf("%s is already attached as pod %s", c.what, other)
 		}
 	}
-	if _, err := os.Stat(s.podDir(p.ID)); err == nil {
-		// Links pinned without a record cannot come from Attach (the record
-		// goes first); clear them rather than fail forever.
-		if err := removeLinks(s.podDir(p.ID)); err != nil {
-			return res, err
-		}
-	}
-	if err := ctx.Err(); err != nil {
-		return res, err
-	}
-	dp, err := s.datapath(&o.Config, o.log())
-	if err != nil {
-		return res, err
-	}
+	// Links pinned without a record cannot come from Attach (the record goes
+	// first); clear them rather than fail forever.
+	return res, false, removeLinks(s.podDir(r.ID))
+}
 
+func newRecord(o Options, r *resolved) *Record {
 	rec := &Record{
-		ID: p.ID, State: stateAttaching, Netns: p.Netns, Cgroup: p.Cgroup, ProxyCgroup: p.ProxyCgroup,
+		ID: r.ID, State: stateAttaching, Netns: r.Netns, Cgroup: r.Cgroup, ProxyCgroup: r.ProxyCgroup,
 		NetnsCookie: r.cookie, CgroupID: r.cg.ID, ProxyCgroupID: r.pcg.ID, AttachedAt: time.Now().UTC(),
 		Route: o.route(),
 	}
@@ -241,171 +241,231 @@ func attachLocked(ctx context.Context, o Options, s *store, r *resolved) (res Re
 	for _, a := range r.info.Local {
 		rec.Local = append(rec.Local, a.String())
 	}
-
-	// Every step pushes its undo; a failure anywhere unwinds them all.
-	var undo []func() error
-	defer func() {
-		if err == nil {
-			return
-		}
-		for i := len(undo) - 1; i >= 0; i-- {
-			if uerr := undo[i](); uerr != nil {
-				err = errors.Join(err, fmt.Errorf("undoing a step: %w", uerr))
-			}
-		}
-		// If this was the node's first pod, unload the datapath again.
-		if perr := s.pruneIfEmpty(o.log()); perr != nil {
-			err = errors.Join(err, perr)
-		}
-	}()
-	step := func(name string) error {
-		if cerr := ctx.Err(); cerr != nil {
-			return fmt.Errorf("interrupted before %s: %w", name, cerr)
-		}
-		o.log().Debug("attach step", "pod", p.ID, "step", name)
-		injectCrash(name)
-		if os.Getenv(FaultEnv) == name {
-			return fmt.Errorf("injected fault before %s (%s)", name, FaultEnv)
-		}
-		return nil
-	}
-
-	// The record goes first so that a process killed half way leaves a trace
-	// that detach and reconcile can follow; then it is rewritten after each
-	// step that creates something it must know about.
-	if err = s.put(rec); err != nil {
-		return res, fmt.Errorf("recording pod %s: %w", p.ID, err)
-	}
-	undo = append(undo, func() error { return s.del(p.ID) })
-	for _, c := range []struct{ kind, id uint64 }{{ownerNetns, r.cookie}, {ownerCgroup, r.cg.ID}} {
-		if err = s.setOwner(c.kind, c.id, p.ID); err != nil {
-			return res, err
-		}
-		c := c
-		undo = append(undo, func() error { return s.dropOwner(c.kind, c.id, p.ID) })
-	}
-
-	if err = step("maps"); err != nil {
-		return res, err
-	}
-	undo = append(undo, func() error { return deleteEntries(dp, rec) })
-	if err = putEntries(dp, rec, r.info); err != nil {
-		return res, err
-	}
-
-	if err = step("route"); err != nil {
-		return res, err
-	}
-	if rec.RuleCreated, rec.RouteCreated, err = rec.Route.Install(r.ns); err != nil {
-		return res, err
-	}
-	undo = append(undo, func() error { return rec.Route.Remove(r.ns, rec.RuleCreated, rec.RouteCreated) })
-	if rec.AcceptLocal, err = podnet.SetSysctl(r.ns, sysctlAcceptLocal, "1"); err != nil {
-		return res, err
-	}
-	undo = append(undo, func() error { _, err := podnet.SetSysctl(r.ns, sysctlAcceptLocal, rec.AcceptLocal); return err })
-	if err = s.put(rec); err != nil {
-		return res, err
-	}
-
-	dir := s.podDir(p.ID)
-	if err = os.MkdirAll(dir, 0o700); err != nil {
-		return res, err
-	}
-	undo = append(undo, func() error { return removeLinks(dir) })
-
-	if err = step("tc"); err != nil {
-		return res, err
-	}
-	for _, ifc := range rec.Ifaces {
-		for _, ingress := range []bool{true, false} {
-			var a TCAttachment
-			a, err = attachTC(r.ns, o.TCMode, TCAttachment{Ifindex: ifc.Index, Iface: ifc.Name, Ingress: ingress}, tcProg(dp, ingress), dir)
-			if err != nil {
-				return res, err
-			}
-			rec.TC = append(rec.TC, a)
-			undo = append(undo, func() error { return detachTC(r.ns, a, dir) })
-			if err = s.put(rec); err != nil {
-				return res, err
-			}
-		}
-	}
-
-	if err = step("cgroup"); err != nil {
-		return res, err
-	}
-	for _, h := range cgroupHooks {
-		var l link.Link
-		l, err = link.AttachCgroup(link.CgroupOptions{Path: r.cg.Path, Attach: h.attach, Program: h.prog(dp)})
-		if err != nil {
-			return res, fmt.Errorf("attaching %s to %s: %w", h.pin, r.cg.Path, err)
-		}
-		if err = pinLink(l, filepath.Join(dir, h.pin)); err != nil {
-			return res, err
-		}
-	}
-
-	if r.pcg.ID != 0 {
-		if err = step("proxy"); err != nil {
-			return res, err
-		}
-		if err = attachProxy(s, dp, r.pcg); err != nil {
-			return res, err
-		}
-		undo = append(undo, func() error { return releaseProxy(s, r.pcg.ID) })
-		rec.ProxyCounted = true
-		if err = s.put(rec); err != nil {
-			return res, err
-		}
-	}
-
-	if err = step("done"); err != nil {
-		return res, err
-	}
-	rec.State = stateAttached
-	if err = s.put(rec); err != nil {
-		return res, err
-	}
-	o.log().Info("attached", "pod", p.ID, "netns", p.Netns, "cgroup", p.Cgroup, "ifaces", len(rec.Ifaces), "pod_ip", rec.PodIP, "tc", rec.TC[0].Mode)
-	return res, nil
+	return rec
 }
 
-func injectCrash(step string) {
-	if os.Getenv(CrashEnv) == step {
-		p, _ := os.FindProcess(os.Getpid())
-		_ = p.Kill() // SIGKILL: no deferred cleanup runs, as in a real crash
-		select {}
+// attachment is one attach in progress. Each step records what it made
+// before it goes on, so that a process killed at any point leaves a record
+// that detach (and reconcile) can follow.
+type attachment struct {
+	o   Options
+	s   *store
+	r   *resolved
+	dp  *datapath.Datapath
+	rec *Record
+}
+
+// Attach steps, in order; BeforeStep sees these names.
+const (
+	StepRecord = "record"
+	StepMaps   = "maps"
+	StepRoute  = "route"
+	StepSysctl = "sysctl"
+	StepTC     = "tc"
+	StepCgroup = "cgroup"
+	StepProxy  = "proxy"
+	StepDone   = "done"
+)
+
+type step struct {
+	name string
+	run  func() error
+}
+
+func (a *attachment) steps() []step {
+	return []step{
+		{StepRecord, a.record},
+		{StepMaps, a.maps},
+		{StepRoute, a.route},
+		{StepSysctl, a.sysctl},
+		{StepTC, a.tc},
+		{StepCgroup, a.cgroup},
+		{StepProxy, a.proxy},
+		{StepDone, a.done},
 	}
 }
 
-// attachProxy attaches the SO_ORIGINAL_DST program at the proxy's cgroup once,
-// and counts the pods that use it.
-func attachProxy(s *store, dp *datapath.Datapath, pcg cgroup.Cgroup) error {
-	pin := s.proxyPin(pcg.ID)
-	if _, err := os.Stat(pin); err != nil {
-		if err := os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
+// AttachSteps are the names of the steps of an attach, in order.
+func AttachSteps() []string {
+	var out []string
+	for _, st := range (&attachment{}).steps() {
+		out = append(out, st.name)
+	}
+	return out
+}
+
+// record writes the pod's record (state attaching) and claims its netns and
+// cgroup.
+func (a *attachment) record() error {
+	if err := a.s.put(a.rec); err != nil {
+		return err
+	}
+	for _, c := range []struct{ kind, id uint64 }{{ownerNetns, a.rec.NetnsCookie}, {ownerCgroup, a.rec.CgroupID}} {
+		if err := a.s.setOwner(c.kind, c.id, a.rec.ID); err != nil {
 			return err
 		}
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: pcg.Path, Attach: ebpf.AttachCGroupGetsockopt, Program: dp.ProxyGetsockopt})
+	}
+	return nil
+}
+
+// maps writes the pod's entries in the shared maps; the pod entry goes last,
+// since it is what turns the pod's cgroup programs on.
+func (a *attachment) maps() error {
+	dp, rec, info := a.dp, a.rec, a.r.info
+	for _, ad := range info.Local {
+		if err := dp.LocalAddrs.Put(datapath.LocalKey{Netns: rec.NetnsCookie, Addr: ip4(ad)}, uint8(1)); err != nil {
+			return fmt.Errorf("local address map: %w", err)
+		}
+	}
+	for _, ifc := range info.Ifaces {
+		if err := dp.Ifaces.Put(datapath.IfaceKey{Netns: rec.NetnsCookie, Ifindex: uint32(ifc.Index)}, ifaceInfo(ifc)); err != nil {
+			return fmt.Errorf("interface map: %w", err)
+		}
+	}
+	var pi datapath.PodInfo
+	if info.PodIP.IsValid() {
+		pi.PodIp = ip4(info.PodIP)
+	}
+	if err := dp.Pods.Put(rec.NetnsCookie, pi); err != nil {
+		return fmt.Errorf("pod map: %w", err)
+	}
+	return nil
+}
+
+func ifaceInfo(ifc podnet.Iface) datapath.IfaceInfo {
+	var v datapath.IfaceInfo
+	if len(ifc.Addrs) > 0 {
+		v.PrimaryIp = ip4(ifc.Addrs[0])
+	}
+	return v
+}
+
+// route installs the policy route of the connection mark.
+func (a *attachment) route() (err error) {
+	a.rec.RuleCreated, a.rec.RouteCreated, err = a.rec.Route.Install(a.r.ns)
+	if err != nil {
+		return err
+	}
+	return a.s.put(a.rec)
+}
+
+func (a *attachment) sysctl() (err error) {
+	if a.rec.AcceptLocal, err = podnet.SetSysctl(a.r.ns, sysctlAcceptLocal, "1"); err != nil {
+		return err
+	}
+	return a.s.put(a.rec)
+}
+
+// tc attaches the tc programs on every interface, recording each.
+func (a *attachment) tc() error {
+	dir := a.s.podDir(a.rec.ID)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	hooks, err := a.dp.Hooks(datapath.ScopeTC)
+	if err != nil {
+		return err
+	}
+	for _, ifc := range a.rec.Ifaces {
+		if err := attachIface(a.r.ns, a.o.TCMode, hooks, ifc, dir, a.s, a.rec); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// attachIface attaches every tc hook on one interface, recording each
+// attachment as soon as it exists.
+func attachIface(ns netns.NsHandle, mode TCMode, hooks []datapath.Hook, ifc Iface, dir string, s *store, rec *Record) error {
+	if len(rec.TC) > 0 {
+		mode = rec.TC[0].Mode // one pod, one kind of attachment
+	}
+	for _, h := range hooks {
+		at, err := attachTC(ns, mode, TCAttachment{Ifindex: ifc.Index, Iface: ifc.Name, Ingress: h.Attach == ebpf.AttachTCXIngress}, h.Program, dir)
 		if err != nil {
-			return fmt.Errorf("attaching getsockopt to the proxy cgroup %s: %w", pcg.Path, err)
+			return err
+		}
+		rec.TC = append(rec.TC, at)
+		if err := s.put(rec); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// cgroup attaches the pod's cgroup programs (multi-attach links, pinned in
+// the pod's directory, which detach empties).
+func (a *attachment) cgroup() error {
+	hooks, err := a.dp.Hooks(datapath.ScopePod)
+	if err != nil {
+		return err
+	}
+	for _, h := range hooks {
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: a.r.cg.Path, Attach: h.Attach, Program: h.Program})
+		if err != nil {
+			return fmt.Errorf("attaching %s to %s: %w", h.Name, a.r.cg.Path, err)
+		}
+		if err := pinLink(l, filepath.Join(a.s.podDir(a.rec.ID), h.Name)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// proxy attaches the SO_ORIGINAL_DST program at the proxy's cgroup (once per
+// proxy) and counts the pod as one of its users.
+func (a *attachment) proxy() error {
+	if a.r.pcg.ID == 0 {
+		return nil
+	}
+	if err := attachProxy(a.s, a.dp, a.r.pcg); err != nil {
+		return err
+	}
+	a.rec.ProxyCounted = true
+	return a.s.put(a.rec)
+}
+
+func (a *attachment) done() error {
+	a.rec.State = stateAttached
+	return a.s.put(a.rec)
+}
+
+// attachProxy attaches the proxy's programs at its cgroup once, and counts
+// the pods that use them.
+func attachProxy(s *store, dp *datapath.Datapath, pcg cgroup.Cgroup) error {
+	dir := s.proxyDir(pcg.ID)
+	hooks, err := dp.Hooks(datapath.ScopeProxy)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	for _, h := range hooks {
+		pin := filepath.Join(dir, h.Name)
+		if _, err := os.Stat(pin); err == nil {
+			continue
+		}
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: pcg.Path, Attach: h.Attach, Program: h.Program})
+		if err != nil {
+			return fmt.Errorf("attaching %s to the proxy cgroup %s: %w", h.Name, pcg.Path, err)
 		}
 		if err := pinLink(l, pin); err != nil {
 			return err
 		}
 	}
-	_, err := s.proxyRefs(pcg.ID, 1)
+	_, err = s.proxyRefs(pcg.ID, 1)
 	return err
 }
 
-// releaseProxy drops one pod's use of the proxy link, removing it with the last.
+// releaseProxy drops one pod's use of the proxy's links, removing them with
+// the last.
 func releaseProxy(s *store, cgroupID uint64) error {
 	n, err := s.proxyRefs(cgroupID, -1)
 	if err != nil || n > 0 {
 		return err
 	}
-	return removeLinks(filepath.Dir(s.proxyPin(cgroupID)))
+	return removeLinks(s.proxyDir(cgroupID))
 }
 
 func pinLink(l link.Link, path string) error {
@@ -435,32 +495,6 @@ func removeLinks(dir string) error {
 	}
 	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
-	}
-	return nil
-}
-
-func putEntries(dp *datapath.Datapath, r *Record, info podnet.Info) error {
-	for _, a := range info.Local {
-		if err := dp.LocalAddrs.Put(datapath.LocalKey{Netns: r.NetnsCookie, Addr: ip4(a)}, uint8(1)); err != nil {
-			return fmt.Errorf("local address map: %w", err)
-		}
-	}
-	for _, ifc := range info.Ifaces {
-		var v datapath.IfaceInfo
-		if len(ifc.Addrs) > 0 {
-			v.PrimaryIp = ip4(ifc.Addrs[0])
-		}
-		if err := dp.Ifaces.Put(datapath.IfaceKey{Netns: r.NetnsCookie, Ifindex: uint32(ifc.Index)}, v); err != nil {
-			return fmt.Errorf("interface map: %w", err)
-		}
-	}
-	var pi datapath.PodInfo
-	if info.PodIP.IsValid() {
-		pi.PodIp = ip4(info.PodIP)
-	}
-	// The pod entry last: it is what turns the cgroup programs on.
-	if err := dp.Pods.Put(r.NetnsCookie, pi); err != nil {
-		return fmt.Errorf("pod map: %w", err)
 	}
 	return nil
 }
@@ -496,6 +530,9 @@ func deleteEntries(dp *datapath.Datapath, r *Record) error {
 				keys = append(keys, k)
 			}
 		}
+		if err := it.Err(); err != nil {
+			errs = append(errs, err)
+		}
 		for _, k := range keys {
 			del(m, k)
 		}
@@ -509,7 +546,7 @@ func Detach(ctx context.Context, o Options, id string) error {
 	if err := ValidatePodID(id); err != nil {
 		return err
 	}
-	s, err := openStore(o.Root)
+	s, err := openStore(o, false)
 	if err != nil {
 		return err
 	}
@@ -527,24 +564,18 @@ func Detach(ctx context.Context, o Options, id string) error {
 	if err := detachLocked(o, s, r); err != nil {
 		return err
 	}
+	o.log().Info("detached", "pod", r.ID)
 	return s.pruneIfEmpty(o.log())
 }
 
 // detachLocked undoes what the record says was done; parts already gone (the
-// netns deleted, the cgroup removed) are skipped. The record goes last, so a
-// detach that fails can be retried.
+// netns deleted, the cgroup removed) are skipped. It is the one way a pod's
+// state is removed: by detach, by reconcile, and when an attach fails. The
+// record goes last, so a detach that fails can be retried.
 func detachLocked(o Options, s *store, r *Record) error {
 	var errs []error
 	dir := s.podDir(r.ID)
-	// The netns, if the path still names the same one.
-	ns := netns.NsHandle(-1)
-	if h, err := podnet.Open(r.Netns); err == nil {
-		if c, cerr := podnet.Cookie(h); cerr == nil && c == r.NetnsCookie {
-			ns = h
-		} else {
-			h.Close()
-		}
-	}
+	ns := openSameNetns(r)
 	defer func() {
 		if ns >= 0 {
 			ns.Close()
@@ -558,7 +589,7 @@ func detachLocked(o Options, s *store, r *Record) error {
 	if ns >= 0 {
 		errs = append(errs, undoNetns(ns, r))
 	}
-	if d, derr := s.datapath(nil, o.log()); derr == nil {
+	if d, derr := s.datapath(nil, o); derr == nil {
 		errs = append(errs, deleteEntries(d, r))
 	} else if !errors.Is(derr, os.ErrNotExist) {
 		errs = append(errs, derr)
@@ -566,21 +597,34 @@ func detachLocked(o Options, s *store, r *Record) error {
 	if r.ProxyCounted {
 		errs = append(errs, releaseProxy(s, r.ProxyCgroupID))
 	} else if r.ProxyCgroupID != 0 {
-		// An attach killed between attaching the proxy link and counting
-		// itself: the link goes if no pod counts on it.
-		if n, err := s.proxyRefs(r.ProxyCgroupID, 0); err == nil && n == 0 {
-			errs = append(errs, removeLinks(filepath.Dir(s.proxyPin(r.ProxyCgroupID))))
+		// An attach that stopped between attaching the proxy's links and
+		// counting itself: the links go if no pod counts on them.
+		if n, err := s.proxyRefs(r.ProxyCgroupID, 0); err != nil {
+			errs = append(errs, err)
+		} else if n == 0 {
+			errs = append(errs, removeLinks(s.proxyDir(r.ProxyCgroupID)))
 		}
 	}
 	errs = append(errs, s.dropOwner(ownerNetns, r.NetnsCookie, r.ID), s.dropOwner(ownerCgroup, r.CgroupID, r.ID))
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("detaching pod %s: %w", r.ID, err)
 	}
-	if err := s.del(r.ID); err != nil {
-		return err
+	return s.del(r.ID)
+}
+
+// openSameNetns opens the record's netns if its path still names the same
+// namespace (by cookie), else returns -1: a path reused by another namespace
+// must never be touched.
+func openSameNetns(r *Record) netns.NsHandle {
+	h, err := podnet.Open(r.Netns)
+	if err != nil {
+		return -1
 	}
-	o.log().Info("detached", "pod", r.ID)
-	return nil
+	if c, cerr := podnet.Cookie(h); cerr != nil || c != r.NetnsCookie {
+		h.Close()
+		return -1
+	}
+	return h
 }
 
 func undoNetns(ns netns.NsHandle, r *Record) error {

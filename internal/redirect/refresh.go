@@ -1,9 +1,12 @@
 package redirect
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/ebpf-redirect/ebpf-redirect/internal/datapath"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/podnet"
@@ -13,8 +16,9 @@ import (
 // now: interfaces added since attach get the tc programs (inbound on them is
 // captured as under iptables, whose rules cover every interface), removed ones
 // are forgotten, and the local-address set follows the addresses. It reports
-// whether anything changed.
-func refreshLocked(o Options, s *store, r *Record) (bool, error) {
+// whether anything changed. The record is written after every change, so that
+// what is attached is always recorded, even if a later change fails.
+func refreshLocked(o Options, s *store, r *Record) (changed bool, err error) {
 	ns, err := podnet.Open(r.Netns)
 	if err != nil {
 		return false, err
@@ -27,11 +31,15 @@ func refreshLocked(o Options, s *store, r *Record) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	dp, err := s.datapath(&o.Config, o.log())
+	dp, err := s.datapath(nil, o)
 	if err != nil {
 		return false, err
 	}
-	changed := false
+	defer func() {
+		if changed {
+			err = errors.Join(err, s.put(r))
+		}
+	}()
 	dir := s.podDir(r.ID)
 
 	now := map[int]podnet.Iface{}
@@ -40,17 +48,18 @@ func refreshLocked(o Options, s *store, r *Record) (bool, error) {
 	}
 	// Interfaces gone: their tc attachments went with them.
 	var keepIf []Iface
+	var errs []error
 	for _, ifc := range r.Ifaces {
 		if _, ok := now[ifc.Index]; ok {
 			keepIf = append(keepIf, ifc)
 			continue
 		}
 		changed = true
-		_ = dp.Ifaces.Delete(datapath.IfaceKey{Netns: r.NetnsCookie, Ifindex: uint32(ifc.Index)})
+		errs = append(errs, deleteKey(dp.Ifaces, datapath.IfaceKey{Netns: r.NetnsCookie, Ifindex: uint32(ifc.Index)}))
 		var keepTC []TCAttachment
 		for _, a := range r.TC {
 			if a.Ifindex == ifc.Index {
-				_ = detachTC(ns, a, dir)
+				errs = append(errs, detachTC(ns, a, dir))
 				continue
 			}
 			keepTC = append(keepTC, a)
@@ -58,12 +67,17 @@ func refreshLocked(o Options, s *store, r *Record) (bool, error) {
 		r.TC = keepTC
 	}
 	r.Ifaces = keepIf
+	if err := errors.Join(errs...); err != nil {
+		return changed, err
+	}
 	// Interfaces new, or whose primary address changed.
+	tcHooks, err := dp.Hooks(datapath.ScopeTC)
+	if err != nil {
+		return changed, err
+	}
 	for _, ifc := range info.Ifaces {
-		var v datapath.IfaceInfo
 		primary := ""
 		if len(ifc.Addrs) > 0 {
-			v.PrimaryIp = ip4(ifc.Addrs[0])
 			primary = ifc.Addrs[0].String()
 		}
 		i := slices.IndexFunc(r.Ifaces, func(x Iface) bool { return x.Index == ifc.Index })
@@ -71,28 +85,17 @@ func refreshLocked(o Options, s *store, r *Record) (bool, error) {
 			continue
 		}
 		changed = true
-		if err := dp.Ifaces.Put(datapath.IfaceKey{Netns: r.NetnsCookie, Ifindex: uint32(ifc.Index)}, v); err != nil {
+		if err := dp.Ifaces.Put(datapath.IfaceKey{Netns: r.NetnsCookie, Ifindex: uint32(ifc.Index)}, ifaceInfo(ifc)); err != nil {
 			return changed, err
 		}
 		if i >= 0 {
 			r.Ifaces[i].Primary = primary
 			continue
 		}
-		r.Ifaces = append(r.Ifaces, Iface{Index: ifc.Index, Name: ifc.Name, Primary: primary})
-		mode := o.TCMode
-		if len(r.TC) > 0 {
-			mode = r.TC[0].Mode // one pod, one kind of attachment
-		}
-		for _, ingress := range []bool{true, false} {
-			a, err := attachTC(ns, mode, TCAttachment{Ifindex: ifc.Index, Iface: ifc.Name, Ingress: ingress}, tcProg(dp, ingress), dir)
-			if err != nil {
-				_ = s.put(r)
-				return changed, err
-			}
-			r.TC = append(r.TC, a)
-			if err := s.put(r); err != nil {
-				return changed, err
-			}
+		x := Iface{Index: ifc.Index, Name: ifc.Name, Primary: primary}
+		r.Ifaces = append(r.Ifaces, x)
+		if err := attachIface(ns, o.TCMode, tcHooks, x, dir, s, r); err != nil {
+			return changed, err
 		}
 		o.log().Info("captured a new interface", "pod", r.ID, "iface", ifc.Name)
 	}
@@ -109,29 +112,38 @@ func refreshLocked(o Options, s *store, r *Record) (bool, error) {
 			continue
 		}
 		changed = true
-		if ad, err := netip.ParseAddr(a); err == nil {
-			_ = dp.LocalAddrs.Delete(datapath.LocalKey{Netns: r.NetnsCookie, Addr: ip4(ad)})
+		ad, err := netip.ParseAddr(a)
+		if err != nil {
+			return changed, fmt.Errorf("pod %s: recorded address %q: %w", r.ID, a, err)
+		}
+		if err := deleteKey(dp.LocalAddrs, datapath.LocalKey{Netns: r.NetnsCookie, Addr: ip4(ad)}); err != nil {
+			return changed, err
 		}
 	}
-	for s, a := range want {
+	r.Local = keepLocal
+	for str, a := range want {
 		changed = true
 		if err := dp.LocalAddrs.Put(datapath.LocalKey{Netns: r.NetnsCookie, Addr: ip4(a)}, uint8(1)); err != nil {
 			return changed, err
 		}
-		keepLocal = append(keepLocal, s)
+		r.Local = append(r.Local, str)
 	}
-	r.Local = keepLocal
 	if info.PodIP.IsValid() && info.PodIP.String() != r.PodIP {
 		changed = true
-		r.PodIP = info.PodIP.String()
 		if err := dp.Pods.Put(r.NetnsCookie, datapath.PodInfo{PodIp: ip4(info.PodIP)}); err != nil {
 			return changed, err
 		}
+		r.PodIP = info.PodIP.String()
 	}
-	if changed {
-		return true, s.put(r)
+	return changed, nil
+}
+
+// deleteKey deletes a map entry; one already gone is fine.
+func deleteKey(m *ebpf.Map, k any) error {
+	if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return err
 	}
-	return false, nil
+	return nil
 }
 
 // Refresh brings one attached pod up to date with its namespace (new
@@ -140,7 +152,7 @@ func Refresh(o Options, id string) (bool, error) {
 	if err := ValidatePodID(id); err != nil {
 		return false, err
 	}
-	s, err := openStore(o.Root)
+	s, err := openStore(o, false)
 	if err != nil {
 		return false, err
 	}

@@ -29,13 +29,13 @@ const DefaultRoot = "/sys/fs/bpf/ebpf-redirect"
 //	pod_meta               map: pod id -> JSON record of what was attached
 //	pod_owners             map: netns cookie / cgroup id -> pod id, proxy refcounts
 //	pods/<id>/<hook>       the pod's links
-//	proxy/<cgroup id>/     the link at the proxy's cgroup, shared by its pods
+//	proxy/<cgroup id>/     the links at the proxy's cgroup, shared by its pods
 const (
-	dpDir     = "dp"
-	metaPin   = "pod_meta"
-	ownersPin = "pod_owners"
-	podsDir   = "pods"
-	proxyDir  = "proxy"
+	dpDir      = "dp"
+	metaPin    = "pod_meta"
+	ownersPin  = "pod_owners"
+	podsDir    = "pods"
+	proxiesDir = "proxy"
 
 	maxPodID    = 63
 	metaKeySize = 64
@@ -101,11 +101,19 @@ type store struct {
 	dp     *datapath.Datapath
 }
 
-// openStore checks the root is on bpffs, takes the lock, and opens (or
-// creates) the metadata map. The datapath is opened separately, on demand.
-func openStore(root string) (*store, error) {
+// openStore checks the root is on bpffs (mounting one at /sys/fs/bpf first
+// if o.MountBPFFS says so), takes the lock, refuses pins of another schema
+// (unless anySchema: upgrade), and opens (or creates) the metadata maps. The
+// datapath is opened separately, on demand.
+func openStore(o Options, anySchema bool) (*store, error) {
+	root := o.Root
 	if root == "" {
 		root = DefaultRoot
+	}
+	if o.MountBPFFS && root == DefaultRoot {
+		if err := ensureBPFFS(filepath.Dir(DefaultRoot), o.log()); err != nil {
+			return nil, err
+		}
 	}
 	// The root itself, or (before its first use) its parent, must be on bpffs.
 	on := root
@@ -133,6 +141,12 @@ func openStore(root string) (*store, error) {
 		return nil, fmt.Errorf("locking %s: %w", root, err)
 	}
 	s := &store{root: root, lock: lock}
+	if !anySchema {
+		if err := s.checkSchema(o); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
 	if s.meta, err = openOrCreateMap(filepath.Join(root, metaPin), "erd_pod_meta", metaKeySize, metaValSize); err != nil {
 		s.Close()
 		return nil, err
@@ -144,10 +158,32 @@ func openStore(root string) (*store, error) {
 	return s, nil
 }
 
+// checkSchema refuses a store pinned by another schema than this binary's,
+// before anything in it is read or written.
+func (s *store) checkSchema(o Options) error {
+	return datapath.CheckSchema(filepath.Join(s.root, dpDir), o.Datapath)
+}
+
+// ensureBPFFS mounts a bpffs on dir unless one is mounted there.
+func ensureBPFFS(dir string, log *slog.Logger) error {
+	var fs unix.Statfs_t
+	if err := unix.Statfs(dir, &fs); err == nil && fs.Type == unix.BPF_FS_MAGIC {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("bpffs: creating %s: %w", dir, err)
+	}
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("bpffs: no bpffs at %s and mounting one failed: %w", dir, err)
+	}
+	log.Info("mounted a bpffs (none was mounted)", "at", dir)
+	return nil
+}
+
 // Check opens the store under the root (bpffs check, lock, metadata maps)
-// and releases it: a cheap test that the root is usable.
-func Check(root string) error {
-	s, err := openStore(root)
+// and releases it: a cheap test that the root is usable, whatever is pinned.
+func Check(o Options) error {
+	s, err := openStore(o, true)
 	if err != nil {
 		return err
 	}
@@ -184,34 +220,27 @@ func openOrCreateMap(path, name string, keySize, valueSize uint32) (*ebpf.Map, e
 // datapath opens the pinned programs, loading and pinning them the first time.
 // With cfg nil it only opens what is pinned, whatever its config (and returns
 // an error wrapping os.ErrNotExist if nothing is). Pinned programs of another
-// version than this binary's are upgraded in place (see upgrade).
-func (s *store) datapath(cfg *config.Config, log *slog.Logger) (*datapath.Datapath, error) {
+// version than this binary's are used as they are: `upgrade` swaps them.
+func (s *store) datapath(cfg *config.Config, o Options) (*datapath.Datapath, error) {
 	if s.dp != nil {
 		return s.dp, nil
 	}
 	dir := filepath.Join(s.root, dpDir)
 	if _, statErr := os.Stat(dir); statErr == nil {
-		dp, err := datapath.LoadPinned(dir, cfg)
+		dp, err := datapath.Open(dir, cfg, o.Datapath)
 		if err != nil {
 			return nil, err
 		}
+		if v := dp.PinnedVersion(); cfg != nil && v != datapath.Version() {
+			o.log().Info("the pinned programs are of another version than this binary's; `ebpf-redirect upgrade` swaps this binary's in", "pinned", v, "binary", datapath.Version())
+		}
 		s.dp = dp
-		if cfg == nil {
-			return dp, nil
-		}
-		v, err := dp.PinnedVersion()
-		if err != nil || v != datapath.Version() {
-			log.Info("pinned programs are of another version; upgrading", "pinned", v, "new", datapath.Version())
-			if err := s.upgrade(*cfg, log); err != nil {
-				return nil, fmt.Errorf("upgrading the pinned programs from %s to %s: %w", v, datapath.Version(), err)
-			}
-		}
-		return s.dp, nil
+		return dp, nil
 	}
 	if cfg == nil {
 		return nil, fmt.Errorf("no datapath pinned in %s: %w", dir, os.ErrNotExist)
 	}
-	dp, err := datapath.Load(*cfg)
+	dp, err := datapath.Load(*cfg, o.Datapath)
 	if err != nil {
 		return nil, err
 	}
@@ -385,8 +414,9 @@ func (s *store) podDir(id string) string {
 	return filepath.Join(s.root, podsDir, strings.ReplaceAll(id, ".", "~"))
 }
 
-func (s *store) proxyPin(cgroupID uint64) string {
-	return filepath.Join(s.root, proxyDir, fmt.Sprint(cgroupID), "getsockopt")
+// proxyDir is where the links at a proxy's cgroup are pinned.
+func (s *store) proxyDir(cgroupID uint64) string {
+	return filepath.Join(s.root, proxiesDir, fmt.Sprint(cgroupID))
 }
 
 // Close releases handles and the lock; pins stay.
@@ -416,8 +446,8 @@ func (s *store) pruneIfEmpty(log *slog.Logger) error {
 		s.dp = nil
 	}
 	var errs []error
-	for _, dir := range []string{filepath.Join(s.root, dpDir), filepath.Join(s.root, proxyDir), filepath.Join(s.root, podsDir)} {
-		if dir == filepath.Join(s.root, proxyDir) {
+	for _, dir := range []string{filepath.Join(s.root, dpDir), filepath.Join(s.root, proxiesDir), filepath.Join(s.root, podsDir)} {
+		if dir == filepath.Join(s.root, proxiesDir) {
 			subs, _ := os.ReadDir(dir)
 			for _, sub := range subs {
 				errs = append(errs, removeLinks(filepath.Join(dir, sub.Name())))

@@ -181,6 +181,33 @@ func replaceTC(ns netns.NsHandle, a TCAttachment, prog *ebpf.Program, podDir str
 	return h.FilterReplace(a.filter(prog))
 }
 
+// legacyProgID is the id of the program our legacy filter runs.
+func legacyProgID(h *netlink.Handle, a TCAttachment) (ebpf.ProgramID, error) {
+	f, err := legacyFilter(h, a)
+	if err != nil {
+		return 0, err
+	}
+	return ebpf.ProgramID(f.Id), nil
+}
+
+// legacyFilter finds our cls_bpf filter of an attachment.
+func legacyFilter(h *netlink.Handle, a TCAttachment) (*netlink.BpfFilter, error) {
+	lk, err := h.LinkByIndex(a.Ifindex)
+	if err != nil {
+		return nil, fmt.Errorf("interface %s: %w", a.Iface, err)
+	}
+	fs, err := h.FilterList(lk, a.filter(nil).Parent)
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range fs {
+		if bf, ok := f.(*netlink.BpfFilter); ok && bf.Priority == a.Priority && bf.Handle == a.Handle {
+			return bf, nil
+		}
+	}
+	return nil, fmt.Errorf("cls_bpf %s filter on %s: missing", a.dir(), a.Iface)
+}
+
 // tcPresent reports whether the attachment is still in place.
 func tcPresent(ns netns.NsHandle, a TCAttachment, podDir string) error {
 	if a.Mode == TCX {
@@ -203,30 +230,27 @@ func tcPresent(ns netns.NsHandle, a TCAttachment, podDir string) error {
 		return err
 	}
 	defer h.Close()
-	lk, err := h.LinkByIndex(a.Ifindex)
+	_, err = legacyFilter(h, a)
+	return err
+}
+
+// openLink opens a pinned link; nil (and no error) if there is no such pin.
+func openLink(path string) (link.Link, error) {
+	l, err := link.LoadPinnedLink(path, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
 	if err != nil {
-		return fmt.Errorf("interface %s: %w", a.Iface, err)
+		return nil, fmt.Errorf("opening %s: %w", path, err)
 	}
-	fs, err := h.FilterList(lk, a.filter(nil).Parent)
-	if err != nil {
-		return err
-	}
-	for _, f := range fs {
-		if bf, ok := f.(*netlink.BpfFilter); ok && bf.Priority == a.Priority && bf.Handle == a.Handle {
-			return nil
-		}
-	}
-	return fmt.Errorf("cls_bpf %s filter on %s: missing", a.dir(), a.Iface)
+	return l, nil
 }
 
 // unpinLink unpins one link (which detaches it if nothing else holds it).
 func unpinLink(path string) error {
-	l, err := link.LoadPinnedLink(path, nil)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("opening %s: %w", path, err)
+	l, err := openLink(path)
+	if l == nil {
+		return err
 	}
 	defer l.Close()
 	return l.Unpin()

@@ -1,64 +1,88 @@
 package rules
 
 import (
+	"bufio"
+	"bytes"
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
 
 	"github.com/ebpf-redirect/ebpf-redirect/internal/config"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/reference"
 )
 
-func TestEveryRuleHasItsReferenceLine(t *testing.T) {
-	for _, i := range All() {
-		if i.Text == "" || i.Name == "" {
-			t.Errorf("rule %v has no text or name: %+v", i.Rule, i)
+// referenceLines indexes the -A lines of the embedded ruleset as
+// "table CHAIN n".
+func referenceLines(t *testing.T) map[string]string {
+	out := map[string]string{}
+	table := ""
+	n := map[string]int{}
+	sc := bufio.NewScanner(bytes.NewReader(reference.Rules))
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		switch {
+		case strings.HasPrefix(line, "*"):
+			table = line[1:]
+		case strings.HasPrefix(line, "-A "):
+			k := table + " " + strings.Fields(line)[1]
+			n[k]++
+			out[fmt.Sprintf("%s %d", k, n[k])] = line
 		}
 	}
-	if got := ByRuleName(t, "out-redirect").Text; !strings.Contains(got, "REDIRECT --to-ports 15001") {
-		t.Errorf("out-redirect text = %q", got)
+	if err := sc.Err(); err != nil {
+		t.Fatal(err)
 	}
-	if got := ByRuleName(t, "in-probe").Text; !strings.Contains(got, "-s 169.254.7.127/32") {
-		t.Errorf("in-probe text = %q", got)
+	return out
+}
+
+// With the default config, every rule renders as the reference's own line.
+func TestDefaultRendersTheReference(t *testing.T) {
+	lines := referenceLines(t)
+	for _, i := range All(config.Default()) {
+		if i.Name == "" || i.Text == "" {
+			t.Errorf("rule %v has no name or text: %+v", i.Rule, i)
+		}
+		want, isLine := lines[i.Chain]
+		if isLine && i.Text != want {
+			t.Errorf("%s renders %q, the reference says %q", i.Name, i.Text, want)
+		}
+		if !isLine && strings.HasPrefix(i.Text, "-A ") {
+			t.Errorf("%s (%s) renders a line the reference does not have: %q", i.Name, i.Chain, i.Text)
+		}
 	}
 }
 
-func ByRuleName(t *testing.T, name string) Info {
-	for _, i := range All() {
-		if i.Name == name {
-			return i
-		}
-	}
-	t.Fatalf("no rule %s", name)
-	return Info{}
-}
-
-func TestDecide(t *testing.T) {
+// Another config renders its own values, never the reference's.
+func TestRendersTheLiveConfig(t *testing.T) {
 	c := config.Default()
-	pod := Pod{Local: map[netip.Addr]bool{netip.MustParseAddr("10.0.0.2"): true}, Primary: netip.MustParseAddr("10.0.0.2")}
-	ap := netip.MustParseAddrPort
-	for _, tc := range []struct {
-		q    Query
-		rule string
-		to   string
-	}{
-		{Query{Dst: ap("10.0.0.1:80")}, "out-redirect", "127.0.0.1:15001"},
-		{Query{Dst: ap("169.254.7.127:80")}, "out-probe", "169.254.7.127:80"},
-		{Query{Dst: ap("10.0.0.1:80"), Mark: 0x111}, "out-connmark", "10.0.0.1:80"},
-		{Query{Dst: ap("10.0.0.2:8080")}, "out-local", "10.0.0.2:8080"},
-		{Query{Dst: ap("127.0.0.2:8080")}, "out-local", "127.0.0.2:8080"},
-		{Query{Dst: ap("127.0.0.1:8080")}, "out-untouched", "127.0.0.1:8080"},
-		{Query{Dst: ap("0.0.0.0:8080")}, "out-untouched", "0.0.0.0:8080"},
-		{Query{Dst: ap("10.0.0.1:80"), Mark: 0x1539}, "out-untouched", "10.0.0.1:80"},
-		{Query{Dst: ap("10.0.0.1:80"), Mark: 0x53a}, "out-redirect", "127.0.0.1:15001"},
-		{Query{Inbound: true, Src: ap("10.0.0.1:4000"), Dst: ap("10.0.0.3:8080")}, "in-redirect", "10.0.0.2:15006"},
-		{Query{Inbound: true, Src: ap("169.254.7.127:4000"), Dst: ap("10.0.0.2:8080")}, "in-probe", "10.0.0.2:8080"},
-		{Query{Inbound: true, Src: ap("10.0.0.1:4000"), Dst: ap("10.0.0.2:15008")}, "in-untouched", "10.0.0.2:15008"},
-		{Query{Inbound: true, Src: ap("10.0.0.1:4000"), Dst: ap("10.0.0.2:8080"), Mark: 0x539}, "in-untouched", "10.0.0.2:8080"},
-		{Query{UDP: true, Dst: ap("10.0.0.1:53")}, "not-tcp", "10.0.0.1:53"},
+	c.OutboundPort, c.InboundPort, c.HBONEPort = 25001, 25006, 25008
+	c.ProxyMark, c.ConnMark, c.MarkMask = 0x7a50, 0x2220, 0xfff0
+	c.ProbeAddr = netip.MustParseAddr("169.254.9.9")
+	for name, want := range map[string][]string{
+		"out-probe":        {"-d 169.254.9.9/32"},
+		"out-connmark":     {"--mark 0x2220/0xfff0"},
+		"out-redirect":     {"! --mark 0x7a50/0xfff0", "--to-ports 25001"},
+		"in-probe":         {"-s 169.254.9.9/32"},
+		"in-redirect":      {"! --dport 25008", "! --mark 0x7a50/0xfff0", "--to-ports 25006"},
+		"connmark-restore": {"--mark 0x2220/0xfff0"},
+		"out-untouched":    {"0x7a50/0xfff0"},
 	} {
-		d := Decide(c, pod, tc.q)
-		if d.Rule.Name != tc.rule || d.To != tc.to {
-			t.Errorf("%+v: got %s -> %s, want %s -> %s", tc.q, d.Rule.Name, d.To, tc.rule, tc.to)
+		var got string
+		for _, i := range All(c) {
+			if i.Name == name {
+				got = i.Text
+			}
+		}
+		for _, w := range want {
+			if !strings.Contains(got, w) {
+				t.Errorf("%s = %q, want %q in it", name, got, w)
+			}
+		}
+		for _, old := range []string{"15001", "15006", "15008", "0x539", "169.254.7.127"} {
+			if strings.Contains(got, old) {
+				t.Errorf("%s = %q shows the default %s", name, got, old)
+			}
 		}
 	}
 }
