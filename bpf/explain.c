@@ -10,20 +10,25 @@ SEC("syscall")
 int explain(struct explain_query *q)
 {
 	__u64 netns = q->netns; /* map keys cannot point into the context */
+	__u32 src[4], dst[4], to[4];
 
-	q->to_ip = q->dst;
+	addr_copy(src, q->src);
+	addr_copy(dst, q->dst);
+	q->family = addr_family(dst);
+	addr_copy(q->to, dst);
 	q->to_port = q->dport;
-	if (q->proto != IPPROTO_TCP) {
-		q->rule = RULE_NONE; /* both chains match -p tcp only */
+	if (q->proto != IPPROTO_TCP || (!addr_is_v4(dst) && !cfg.ipv6)) {
+		q->rule = RULE_NONE; /* both chains match -p tcp only; no IPv6 rules */
 		return 0;
 	}
 	if (q->inbound) {
-		q->rule = inbound_rule(q->src, q->dst, bpf_htons(q->dport), q->mark);
+		q->rule = inbound_rule(src, dst, bpf_htons(q->dport), q->mark);
 		if (q->rule != RULE_IN_REDIRECT)
 			return 0;
-		q->to_ip = inbound_target(netns, q->ifindex);
+		inbound_target(netns, q->ifindex, dst, to);
+		addr_copy(q->to, to);
 		q->to_port = cfg.inbound_port;
-		if (!q->to_ip)
+		if (addr_is_zero(to))
 			q->rule = RULE_FAIL_CLOSED; /* no address on the interface: dropped */
 		return 0;
 	}
@@ -31,9 +36,17 @@ int explain(struct explain_query *q)
 		q->rule = RULE_FAIL_CLOSED; /* no state for the pod: connect refused */
 		return 0;
 	}
-	q->rule = outbound_rule(netns, routed_dst(q->dst), q->mark, q->ifindex);
+	routed_dst(to, dst);
+	q->rule = outbound_rule(netns, to, q->mark, q->ifindex);
 	if (q->rule == RULE_OUT_REDIRECT) {
-		q->to_ip = LOCALHOST;
+		to[0] = to[1] = 0;
+		if (addr_is_v4(dst)) {
+			addr_set_v4(to, LOCALHOST);
+		} else {
+			to[2] = 0;
+			to[3] = bpf_htonl(1);
+		}
+		addr_copy(q->to, to);
 		q->to_port = cfg.outbound_port;
 	}
 	return 0;

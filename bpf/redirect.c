@@ -3,7 +3,8 @@
  * once per node. Each hook lives in its own file. */
 #include "outbound.c"
 #include "inbound.c"
-#include "ifguard.c"
+#include "sock_ingress.c"
+#include "returnpath.c"
 #include "origdst.c"
 #include "explain.c"
 

@@ -18,6 +18,7 @@ import (
 	"sort"
 
 	"github.com/ebpf-redirect/ebpf-redirect/internal/config"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/datapath"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/redirect"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/rules"
 )
@@ -141,9 +142,10 @@ func (m *Manager) Pods() ([]PodStatus, error) {
 
 // RuleCount is how many connections one rule of the reference took.
 type RuleCount struct {
-	Rule        string `json:"rule"`  // short name, e.g. "out-redirect"
-	Chain       string `json:"chain"` // e.g. "nat ISTIO_OUTPUT 4"
-	Text        string `json:"text"`  // the reference's line, with the node's values
+	Rule        string `json:"rule"`   // short name, e.g. "out-redirect"
+	Family      string `json:"family"` // "ipv4" (the iptables ruleset) or "ipv6" (ip6tables)
+	Chain       string `json:"chain"`  // e.g. "nat ISTIO_OUTPUT 4"
+	Text        string `json:"text"`   // the reference's line, with the node's values
 	Connections uint64 `json:"connections"`
 }
 
@@ -174,7 +176,11 @@ func (m *Manager) StatsAll() (map[string][]RuleCount, error) {
 func ruleCounts(cfg config.Config, c redirect.Counts) []RuleCount {
 	var out []RuleCount
 	for _, i := range rules.All(cfg) {
-		out = append(out, RuleCount{Rule: i.Name, Chain: i.Chain, Text: i.Text, Connections: c[i.Rule]})
+		f := datapath.FamilyV4
+		if i.Family == rules.IPv6 {
+			f = datapath.FamilyV6
+		}
+		out = append(out, RuleCount{Rule: i.Name, Family: i.Family, Chain: i.Chain, Text: i.Text, Connections: c[datapath.Count{Rule: i.Rule, Family: f}]})
 	}
 	return out
 }

@@ -179,7 +179,7 @@ func TestSignalDuringAttachUnwinds(t *testing.T) {
 				case err == nil:
 					// It finished before the signal was handled: attached in full.
 					finished++
-					if st := inspectPod(t, r, p); st.ruleCount != 1 || len(st.pins) == 0 {
+					if st := inspectPod(t, r, p); st.ruleCount != 2 || len(st.pins) != podPins(t, 1) {
 						t.Fatalf("exit 0 but not attached: %+v\n%s", st, out.String())
 					}
 					if res := runCLI(t, nil, "detach", "--pod-id", p.ID, "--bpffs", r.BPFFS); res.code != 0 {
@@ -189,7 +189,7 @@ func TestSignalDuringAttachUnwinds(t *testing.T) {
 					if strings.Contains(out.String(), "interrupted") || strings.Contains(out.String(), "context canceled") {
 						interrupted++
 					}
-					if after := inspectPod(t, r, p); len(after.pins) != 0 || after.ruleCount != before.ruleCount || after.acceptLocal != before.acceptLocal {
+					if after := inspectPod(t, r, p); len(after.pins) != 0 || after.ruleCount != before.ruleCount || after.sysctls != before.sysctls {
 						t.Fatalf("interrupted attach left state: %+v, before %+v\n%s", after, before, out.String())
 					}
 					if res := runCLI(t, nil, "list", "--bpffs", r.BPFFS); strings.Contains(res.output, p.ID) {

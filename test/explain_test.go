@@ -59,6 +59,17 @@ func TestExplainNamesTheRuleTheDatapathCounts(t *testing.T) {
 			if _, err := lp.peer.Listen(ctx, standin.ListenSpec{Proto: "tcp", Addr: "169.254.7.127:81"}); err != nil {
 				t.Fatal(err)
 			}
+			for _, l := range []standin.ListenSpec{
+				{Proto: "tcp", Addr: "[::]:80", V6Only: true},
+				{Proto: "tcp", Addr: "[fd16:9254:7127:1337:ffff:ffff:ffff:ffff]:81"},
+			} {
+				if _, err := lp.peer.Listen(ctx, l); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if _, err := lp.app.Listen(ctx, standin.ListenSpec{Proto: "tcp", Addr: "[::]:8080", V6Only: true}); err != nil {
+				t.Fatal(err)
+			}
 			if !tc.proxied { // the proxy holds 15008; another HBONE port is the app's
 				if _, err := lp.app.Listen(ctx, standin.ListenSpec{Proto: "tcp", Addr: fmt.Sprintf("0.0.0.0:%d", tc.hbone)}); err != nil {
 					t.Fatal(err)
@@ -81,6 +92,16 @@ func TestExplainNamesTheRuleTheDatapathCounts(t *testing.T) {
 				{name: "inbound probe", from: fromPeer, dial: standin.DialSpec{Dst: "10.77.0.2:8080", Src: "169.254.7.127:0"}, explain: in("169.254.7.127:40000", "10.77.0.2:8080")},
 				{name: "inbound on an interface without an address", from: fromPeer, dial: standin.DialSpec{Dst: addressless.dst + ":8080", TimeoutMS: 300},
 					explain: append(in("10.79.0.1:40000", addressless.dst+":8080"), "--iface", addressless.name)},
+				{name: "ipv6 redirect", from: fromApp, dial: standin.DialSpec{Dst: "[fd00:77::1]:80"}, explain: []string{"--dst", "[fd00:77::1]:80"}},
+				{name: "ipv6 probe", from: fromApp, dial: standin.DialSpec{Dst: "[fd16:9254:7127:1337:ffff:ffff:ffff:ffff]:81"}, explain: []string{"--dst", "[fd16:9254:7127:1337:ffff:ffff:ffff:ffff]:81"}},
+				{name: "ipv6 proxy mark", from: fromApp, dial: standin.DialSpec{Dst: "[fd00:77::1]:80", Mark: mark(tc.proxy)}, explain: []string{"--dst", "[fd00:77::1]:80", "--mark", tc.proxy}},
+				{name: "ipv6 own address", from: fromApp, dial: standin.DialSpec{Dst: "[fd00:77::2]:8080"}, explain: []string{"--dst", "[fd00:77::2]:8080"}},
+				{name: "ipv6 own link-local address", from: fromApp, dial: standin.DialSpec{Dst: "[fe80::2%eth0]:8080"}, explain: []string{"--dst", "[fe80::2]:8080"}},
+				{name: "::1", from: fromApp, dial: standin.DialSpec{Dst: "[::1]:8080"}, explain: []string{"--dst", "[::1]:8080"}},
+				{name: "v4-mapped", from: fromApp, dial: standin.DialSpec{Dst: "[::ffff:10.77.0.1]:80"}, explain: []string{"--dst", "[::ffff:10.77.0.1]:80"}},
+				{name: "ipv6 inbound redirect", from: fromPeer, dial: standin.DialSpec{Dst: "[fd00:77::2]:8080"}, explain: in("[fd00:77::1]:40000", "[fd00:77::2]:8080")},
+				{name: "ipv6 inbound probe", from: fromPeer, dial: standin.DialSpec{Dst: "[fd00:77::2]:8080", Src: "[fd16:9254:7127:1337:ffff:ffff:ffff:ffff]:0"},
+					explain: in("[fd16:9254:7127:1337:ffff:ffff:ffff:ffff]:40000", "[fd00:77::2]:8080")},
 				{name: "no state for the pod", from: fromApp, dial: standin.DialSpec{Dst: "10.77.0.1:80"}, explain: []string{"--dst", "10.77.0.1:80"},
 					before: func(t *testing.T) {
 						m := pinnedMap(t, r.BPFFS, "pods")
@@ -112,10 +133,11 @@ func TestExplainNamesTheRuleTheDatapathCounts(t *testing.T) {
 						}
 					}
 					sort.Strings(moved)
-					want := []string{d.Rule.Name + "+1"}
+					fam := d.Rule.Family + "/"
+					want := []string{fam + d.Rule.Name + "+1"}
 					if d.Rule.Name == "in-redirect" && tc.proxied {
 						// The proxy's spoofed connection to the app: its replies come back by the connection mark.
-						want = []string{"connmark-restore+1", "in-redirect+1"}
+						want = []string{fam + "connmark-restore+1", fam + "in-redirect+1"}
 					}
 					if strings.Join(moved, ",") != strings.Join(want, ",") {
 						t.Fatalf("explain says %s (%s), the datapath counted %v", d.Rule.Name, d.To, moved)
@@ -155,7 +177,7 @@ func ruleCounts(t *testing.T, r *topology.Run, id string) map[string]uint64 {
 	}
 	out := map[string]uint64{}
 	for _, rc := range all[id] {
-		out[rc.Rule] = rc.Connections
+		out[rc.Family+"/"+rc.Rule] = rc.Connections
 	}
 	return out
 }

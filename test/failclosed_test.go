@@ -102,12 +102,14 @@ func TestMissingStateFailsClosed(t *testing.T) {
 				t.Fatal(err)
 			}
 		}()
-		res := dial(rig.app, rig.outDsts[0])
-		if res.Outcome != standin.OutcomeErrPrefix+"EPERM" {
-			t.Errorf("outbound without the pod's state: %+v, want EPERM", res)
+		for _, dst := range []string{rig.outDsts[0], rig.outDsts6[0]} {
+			res := dial(rig.app, dst)
+			if res.Outcome != standin.OutcomeErrPrefix+"EPERM" {
+				t.Errorf("outbound to %s without the pod's state: %+v, want EPERM", dst, res)
+			}
 		}
 		if n := reached(); n != 0 {
-			t.Errorf("%d parties saw the connection", n)
+			t.Errorf("%d parties saw the connections", n)
 		}
 	})
 	t.Run("no interface entry: inbound SYN dropped", func(t *testing.T) {
@@ -136,20 +138,26 @@ func TestMissingStateFailsClosed(t *testing.T) {
 				}
 			}
 		}()
-		res := dial(rig.peer, rig.inDsts[0])
-		if res.Outcome != standin.OutcomeTimeout {
-			t.Errorf("inbound without the interface's state: %+v, want a time-out (dropped)", res)
+		for _, dst := range []string{rig.inDsts[0], rig.inDsts6[0]} {
+			res := dial(rig.peer, dst)
+			if res.Outcome != standin.OutcomeTimeout {
+				t.Errorf("inbound to %s without the interface's state: %+v, want a time-out (dropped)", dst, res)
+			}
 		}
 		if n := reached(); n != 0 {
-			t.Errorf("%d parties saw the connection", n)
+			t.Errorf("%d parties saw the connections", n)
 		}
 	})
 	// And back: the state restored, it works again.
-	if res := dial(rig.app, rig.outDsts[0]); res.Outcome != standin.OutcomeOK {
-		t.Fatalf("after: outbound %+v", res)
+	for _, dst := range []string{rig.outDsts[0], rig.outDsts6[0]} {
+		if res := dial(rig.app, dst); res.Outcome != standin.OutcomeOK {
+			t.Fatalf("after: outbound to %s %+v", dst, res)
+		}
 	}
-	if res := dial(rig.peer, rig.inDsts[0]); res.Outcome != standin.OutcomeOK {
-		t.Fatalf("after: inbound %+v", res)
+	for _, dst := range []string{rig.inDsts[0], rig.inDsts6[0]} {
+		if res := dial(rig.peer, dst); res.Outcome != standin.OutcomeOK {
+			t.Fatalf("after: inbound to %s %+v", dst, res)
+		}
 	}
 }
 

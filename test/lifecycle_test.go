@@ -15,6 +15,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/ebpf-redirect/ebpf-redirect/internal/datapath"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/privtest"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/topology"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/redirect"
@@ -89,10 +90,10 @@ func attachArgs(r *topology.Run, p *topology.Pod) []string {
 // podState is what of a pod can be seen from outside: pins, map entries, the
 // policy route, the sysctl.
 type podState struct {
-	pins        []string
-	podEntries  int
-	ruleCount   int
-	acceptLocal string
+	pins       []string
+	podEntries int
+	ruleCount  int
+	sysctls    string
 }
 
 func pinsUnder(t *testing.T, dir string) []string {
@@ -165,22 +166,47 @@ func inspectPod(t *testing.T, r *topology.Run, p *topology.Pod) podState {
 	}
 	s.podEntries = mapEntries(t, filepath.Join(r.BPFFS, "dp", "maps", "pods"))
 	h := podHandle(t, p)
-	rules, err := h.RuleList(unix.AF_INET)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, ru := range rules {
-		if ru.Table == 100 && ru.Mark == 0x111 {
-			s.ruleCount++
+	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
+		rules, err := h.RuleList(fam)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, ru := range rules {
+			if ru.Table == 100 && ru.Mark == 0x111 {
+				s.ruleCount++
+			}
 		}
 	}
-	out, err := exec.Command("ip", "netns", "exec", p.NetNS, "cat", "/proc/sys/net/ipv4/conf/lo/accept_local").Output()
+	out, err := exec.Command("ip", "netns", "exec", p.NetNS, "cat", "/proc/sys/net/ipv4/tcp_fwmark_accept",
+		"/proc/sys/net/ipv4/fwmark_reflect", "/proc/sys/net/ipv6/fwmark_reflect").Output()
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.acceptLocal = strings.TrimSpace(string(out))
+	s.sysctls = strings.Join(strings.Fields(string(out)), ",")
 	return s
 }
+
+// podPins is how many links an attached pod with that many interfaces pins:
+// one per hook of the object (pod cgroup, tc per interface, lo).
+func podPins(t *testing.T, ifaces int) int {
+	t.Helper()
+	n := 0
+	for scope, times := range map[string]int{datapath.ScopePod: 1, datapath.ScopeTC: ifaces, datapath.ScopeLo: 1} {
+		hooks, err := datapath.HookSpecs(scope)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n += len(hooks) * times
+	}
+	return n
+}
+
+// The sysctls attach sets (tcp_fwmark_accept, fwmark_reflect of both
+// families), as inspectPod reads them, and before.
+const (
+	sysctlsOn  = "1,1,1"
+	sysctlsOff = "0,0,0"
+)
 
 func TestAttachDetachLifecycle(t *testing.T) {
 	r := lifecycleRun(t)
@@ -191,7 +217,8 @@ func TestAttachDetachLifecycle(t *testing.T) {
 		t.Fatalf("attach failed (%d): %s", res.code, res.output)
 	}
 	on := inspectPod(t, r, p)
-	wantPins := []string{"pod_connect4", "pod_getpeername4", "pod_sockops", "tcx_egress_", "tcx_ingress_"}
+	wantPins := []string{"pod_connect4", "pod_connect6", "pod_getpeername4", "pod_getpeername6", "pod_sockops", "pod_sock_ingress", "pod_getsockopt",
+		"tcx_pod_egress_", "tcx_pod_ingress_", "tcx_pod_lo_ingress_1"}
 	for _, w := range wantPins {
 		found := false
 		for _, pin := range on.pins {
@@ -201,8 +228,8 @@ func TestAttachDetachLifecycle(t *testing.T) {
 			t.Errorf("after attach, no pin %s* in %v", w, on.pins)
 		}
 	}
-	if on.podEntries != 1 || on.ruleCount != 1 || on.acceptLocal != "1" {
-		t.Errorf("after attach: %+v, want 1 pod entry, 1 rule, accept_local 1", on)
+	if on.podEntries != 1 || on.ruleCount != 2 || on.sysctls != sysctlsOn {
+		t.Errorf("after attach: %+v, want 1 pod entry, 2 rules (IPv4, IPv6), sysctls %s", on, sysctlsOn)
 	}
 	if len(pinsUnder(t, filepath.Join(r.BPFFS, "proxy"))) != 1 {
 		t.Errorf("no getsockopt link pinned for the proxy cgroup")
@@ -222,7 +249,7 @@ func TestAttachDetachLifecycle(t *testing.T) {
 		t.Fatalf("detach failed (%d): %s", res.code, res.output)
 	}
 	after := inspectPod(t, r, p)
-	if len(after.pins) != 0 || after.podEntries != 0 || after.ruleCount != before.ruleCount || after.acceptLocal != before.acceptLocal {
+	if len(after.pins) != 0 || after.podEntries != 0 || after.ruleCount != before.ruleCount || after.sysctls != before.sysctls {
 		t.Errorf("after detach: %+v, want as before attach: %+v", after, before)
 	}
 	if left := pinsUnder(t, r.BPFFS); len(left) != 0 {
@@ -343,7 +370,7 @@ func TestBadInputIsRefused(t *testing.T) {
 
 func equalState(a, b podState) bool {
 	return strings.Join(a.pins, ",") == strings.Join(b.pins, ",") && a.podEntries == b.podEntries &&
-		a.ruleCount == b.ruleCount && a.acceptLocal == b.acceptLocal
+		a.ruleCount == b.ruleCount && a.sysctls == b.sysctls
 }
 
 // An attach that fails at any step undoes the steps before it.
@@ -420,7 +447,7 @@ if [ "$(stat -f -c %T /sys/fs/bpf)" = bpf_fs ]; then echo "still a bpffs" >&2; e
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}
 	}
-	if st := inspectPod(t, r, p); st.ruleCount != 0 || st.acceptLocal != "0" {
+	if st := inspectPod(t, r, p); st.ruleCount != 0 || st.sysctls != sysctlsOff {
 		t.Errorf("the pod was not left as before: %+v", st)
 	}
 }

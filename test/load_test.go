@@ -38,6 +38,7 @@ type loadRig struct {
 	cookie            uint64
 	outDsts, outNames []string // R's servers, reached from the app
 	inDsts, inNames   []string // the app's servers, reached from R
+	outDsts6, inDsts6 []string // the same over IPv6
 }
 
 // newLoadRig builds the rig; args go to the attach (map sizes).
@@ -94,17 +95,20 @@ func newLoadRig(t *testing.T, args []string) *loadRig {
 	rig.peer = start(standin.RolePeer, p.PeerNetNSPath(), p.PeerCgroup)
 	for i := 0; i < loadPorts; i++ {
 		for _, side := range []struct {
-			a     *standin.Agent
-			ip    string
-			port  int
-			dsts  *[]string
-			names *[]string
-		}{{rig.peer, "10.77.0.1", 20000 + i, &rig.outDsts, &rig.outNames}, {rig.app, "10.77.0.2", 8080 + i, &rig.inDsts, &rig.inNames}} {
-			addr := fmt.Sprintf("0.0.0.0:%d", side.port)
+			a          *standin.Agent
+			ip, ip6    string
+			port       int
+			dsts, dst6 *[]string
+			names      *[]string
+		}{{rig.peer, "10.77.0.1", "fd00:77::1", 20000 + i, &rig.outDsts, &rig.outDsts6, &rig.outNames},
+			{rig.app, "10.77.0.2", "fd00:77::2", 8080 + i, &rig.inDsts, &rig.inDsts6, &rig.inNames}} {
+			// Dual-stack: one server for both families.
+			addr := fmt.Sprintf("[::]:%d", side.port)
 			if _, err := side.a.Listen(ctx, standin.ListenSpec{Proto: "tcp", Addr: addr, Quiet: true, TimeoutMS: 120000}); err != nil {
 				t.Fatal(err)
 			}
 			*side.dsts = append(*side.dsts, fmt.Sprintf("%s:%d", side.ip, side.port))
+			*side.dst6 = append(*side.dst6, fmt.Sprintf("[%s]:%d", side.ip6, side.port))
 			*side.names = append(*side.names, fmt.Sprintf("%s:%d", side.a.Role, side.port))
 		}
 	}
@@ -172,19 +176,26 @@ type direction struct {
 // concurrent is a load of n connections open at once.
 func (d direction) concurrent(n, timeoutMS int) standin.LoadSpec {
 	spec := standin.LoadSpec{Count: n, Concurrent: true, Parallel: 512, TimeoutMS: timeoutMS}
-	if d.name == "inbound" {
-		// One peer port towards two ports of the pod would clash after
-		// REDIRECT (see in-same-source-port-two-ports) and wait for the
-		// first to close, which here waits for all: one port each.
+	switch d.name {
+	// One peer port towards two ports of the pod would clash after
+	// REDIRECT (see in-same-source-port-two-ports) and wait for the first to
+	// close, which here waits for all: one port each, and other ports for
+	// the other family (whose earlier ones may be in TIME_WAIT).
+	case "inbound":
 		spec.SrcPortBase = 30000
+	case "inbound6":
+		spec.SrcPortBase = 50000
 	}
 	return spec
 }
 
+// directions are both ways through the redirect, in both families.
 func (rig *loadRig) directions() []direction {
 	return []direction{
 		{"outbound", rig.app, rig.outDsts, rig.outNames, standin.PortOutbound, rig.peer},
 		{"inbound", rig.peer, rig.inDsts, rig.inNames, standin.PortInbound, rig.app},
+		{"outbound6", rig.app, rig.outDsts6, rig.outNames, standin.PortOutbound, rig.peer},
+		{"inbound6", rig.peer, rig.inDsts6, rig.inNames, standin.PortInbound, rig.app},
 	}
 }
 
@@ -374,11 +385,12 @@ func TestLoadConcurrentConnections(t *testing.T) {
 	}
 }
 
-// 100,000 short connections, one after the other (64 at a time), half each
-// way: the per-connection entries return to their baseline (none).
+// 100,000 short connections, one after the other (64 at a time), a quarter
+// each way in each family: the per-connection entries return to their
+// baseline (none).
 func TestLoadChurnLeavesNoEntries(t *testing.T) {
 	rig := newLoadRig(t, nil)
-	n := loadSize(100000) / 2
+	n := loadSize(100000) / len(rig.directions())
 	before := map[string]int{"out_flows": rig.flowEntries(t, "out_flows"), "in_flows": rig.flowEntries(t, "in_flows")}
 	for _, d := range rig.directions() {
 		t.Run(d.name, func(t *testing.T) {
@@ -389,7 +401,7 @@ func TestLoadChurnLeavesNoEntries(t *testing.T) {
 	}
 	for m, base := range before {
 		if left := rig.waitFlowEntries(t, m, base); left != base {
-			t.Errorf("%s: %d entries of the pod after %d connections, %d before", m, left, 2*n, base)
+			t.Errorf("%s: %d entries of the pod after %d connections, %d before", m, left, len(rig.directions())*n, base)
 		}
 	}
 }

@@ -56,7 +56,7 @@ nf_conntrack_max is restored.`,
 				return err
 			}
 			if err != nil {
-				fmt.Fprintln(os.Stderr, "ebpf-redirect: bench stopped early; partial results follow:", err)
+				fmt.Fprintln(os.Stderr, "ebpf-redirect-lab: bench stopped early; partial results follow:", err)
 			}
 			var werr error
 			if asJSON {

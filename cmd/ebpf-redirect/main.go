@@ -102,6 +102,8 @@ func nodeFlags(fs *pflag.FlagSet) *node {
 	fs.Uint16Var(&n.cfg.InboundPort, "inbound-port", d.InboundPort, "proxy port new inbound TCP is redirected to")
 	fs.Uint16Var(&n.cfg.HBONEPort, "hbone-port", d.HBONEPort, "inbound port never redirected (the proxy's tunnel)")
 	fs.Var(addrValue{&n.cfg.ProbeAddr}, "probe-addr", "kubelet probe address, never redirected")
+	fs.Var(addrValue{&n.cfg.ProbeAddr6}, "probe-addr6", "its IPv6 twin")
+	fs.BoolVar(&n.cfg.IPv6, "ipv6", d.IPv6, "capture IPv6 too, as the ip6tables twin of the ruleset does (--ipv6=false: IPv6 untouched)")
 	fs.Uint32Var(&n.cfg.ProxyMark, "proxy-mark", d.ProxyMark, "mark of the proxy's own sockets")
 	fs.Uint32Var(&n.cfg.ConnMark, "conn-mark", d.ConnMark, "mark that routes replies back to the proxy")
 	fs.Uint32Var(&n.cfg.MarkMask, "mark-mask", d.MarkMask, "marks are compared under this mask")

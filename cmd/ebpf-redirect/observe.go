@@ -41,19 +41,26 @@ func listCmd(g *globals) *cobra.Command {
 				return printJSON(cmd.OutOrStdout(), pods)
 			}
 			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "POD\tSTATE\tPOD IP\tTC\tNETNS\tCGROUP\tPROBLEM")
+			fmt.Fprintln(w, "POD\tSTATE\tPOD IP\tPOD IPV6\tTC\tNETNS\tCGROUP\tPROBLEM")
 			for _, p := range pods {
 				tc := ""
 				if len(p.TC) > 0 {
 					tc = string(p.TC[0].Mode)
 				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.ID, p.Health, p.PodIP, tc, p.Netns, p.Cgroup, p.Problem)
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.ID, p.Health, dash(p.PodIP), dash(p.PodIP6), tc, p.Netns, p.Cgroup, p.Problem)
 			}
 			return w.Flush()
 		},
 	}
 	c.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return c
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func reconcileCmd(g *globals) *cobra.Command {
@@ -134,8 +141,13 @@ func statsCmd(g *globals) *cobra.Command {
 			sort.Strings(ids)
 			w := cmd.OutOrStdout()
 			for _, pid := range ids {
-				fmt.Fprintf(w, "# pod %s (connections per rule)\n", pid)
+				fam := ""
 				for _, rc := range all[pid] {
+					if rc.Family != fam {
+						fam = rc.Family
+						tool := map[string]string{"ipv4": "iptables", "ipv6": "ip6tables"}[fam]
+						fmt.Fprintf(w, "# pod %s, %s (%s; connections per rule)\n", pid, fam, tool)
+					}
 					fmt.Fprintf(w, "[%d] %-16s %s\n", rc.Connections, rc.Rule, rc.Text)
 				}
 			}
@@ -166,12 +178,15 @@ func explainCmd(g *globals) *cobra.Command {
 				return errors.New("--iface is where an inbound connection arrives; outbound, use --device")
 			}
 			var err error
-			if q.Dst, err = netip.ParseAddrPort(dst); err != nil || !q.Dst.Addr().Is4() {
-				return fmt.Errorf("--dst %q: want an IPv4 ADDR:PORT", dst)
+			if q.Dst, err = netip.ParseAddrPort(dst); err != nil {
+				return fmt.Errorf("--dst %q: want ADDR:PORT ([v6]:port for IPv6): %v", dst, err)
 			}
 			if src != "" {
-				if q.Src, err = netip.ParseAddrPort(src); err != nil || !q.Src.Addr().Is4() {
-					return fmt.Errorf("--src %q: want an IPv4 ADDR:PORT", src)
+				if q.Src, err = netip.ParseAddrPort(src); err != nil {
+					return fmt.Errorf("--src %q: want ADDR:PORT ([v6]:port for IPv6): %v", src, err)
+				}
+				if q.Src.Addr().Unmap().Is4() != q.Dst.Addr().Unmap().Is4() {
+					return fmt.Errorf("--src %s and --dst %s are of different families", src, dst)
 				}
 			} else if q.Inbound {
 				return errors.New("--in needs --src (the remote peer)")
@@ -195,7 +210,7 @@ func explainCmd(g *globals) *cobra.Command {
 				return printJSON(cmd.OutOrStdout(), d)
 			}
 			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintf(w, "rule\t%s (%s)\n", d.Rule.Name, d.Rule.Chain)
+			fmt.Fprintf(w, "rule\t%s (%s, %s)\n", d.Rule.Name, d.Rule.Family, d.Rule.Chain)
 			fmt.Fprintf(w, "reference\t%s\n", d.Rule.Text)
 			fmt.Fprintf(w, "redirected\t%v\n", d.Redirected)
 			fmt.Fprintf(w, "goes to\t%s\n", d.To)

@@ -66,7 +66,7 @@ func New(m *manager.Manager, log *slog.Logger) *Agent {
 
 var (
 	connDesc = prometheus.NewDesc("ebpf_redirect_connections_total",
-		"Connections taken by each rule of the reference ruleset, per pod.", []string{"pod", "rule", "chain"}, nil)
+		"Connections taken by each rule of the reference ruleset (of each family), per pod.", []string{"pod", "family", "rule", "chain"}, nil)
 	podsDesc = prometheus.NewDesc("ebpf_redirect_pods",
 		"Attached pods by state.", []string{"state"}, nil)
 )
@@ -96,7 +96,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for pod, rcs := range all {
 		for _, rc := range rcs {
-			ch <- prometheus.MustNewConstMetric(connDesc, prometheus.CounterValue, float64(rc.Connections), pod, rc.Rule, rc.Chain)
+			ch <- prometheus.MustNewConstMetric(connDesc, prometheus.CounterValue, float64(rc.Connections), pod, rc.Family, rc.Rule, rc.Chain)
 		}
 	}
 }

@@ -9,12 +9,14 @@ import (
 	"net/netip"
 )
 
-// Config is what inpod-rules.v4 and inpod-routes.sh encode.
+// Config is what inpod-rules.v4/.v6 and inpod-routes.sh/routes6.sh encode.
 type Config struct {
 	OutboundPort uint16     // REDIRECT --to-ports for new outbound TCP (15001)
 	InboundPort  uint16     // REDIRECT --to-ports for new inbound TCP (15006)
 	HBONEPort    uint16     // inbound port left alone: the proxy's tunnel (15008)
-	ProbeAddr    netip.Addr // kubelet probe source/destination, never redirected
+	ProbeAddr    netip.Addr // kubelet probe source/destination, never redirected (IPv4)
+	ProbeAddr6   netip.Addr // its IPv6 twin
+	IPv6         bool       // capture IPv6 too (Istio's chart writes the ip6tables twin by default)
 	ProxyMark    uint32     // mark on the proxy's own sockets (0x539)
 	ConnMark     uint32     // connection mark that routes replies to the proxy (0x111)
 	MarkMask     uint32     // marks compare under this mask (0xfff)
@@ -42,6 +44,8 @@ func Default() Config {
 		InboundPort:  15006,
 		HBONEPort:    15008,
 		ProbeAddr:    netip.MustParseAddr("169.254.7.127"),
+		ProbeAddr6:   netip.MustParseAddr("fd16:9254:7127:1337:ffff:ffff:ffff:ffff"),
+		IPv6:         true,
 		ProxyMark:    0x539,
 		ConnMark:     0x111,
 		MarkMask:     0xfff,
@@ -70,6 +74,9 @@ func (c Config) Validate() error {
 	}
 	if !c.ProbeAddr.Is4() {
 		errs = append(errs, fmt.Errorf("probe address must be an IPv4 address, got %q", c.ProbeAddr))
+	}
+	if !c.ProbeAddr6.Is6() || c.ProbeAddr6.Is4In6() || c.ProbeAddr6.Zone() != "" {
+		errs = append(errs, fmt.Errorf("IPv6 probe address must be an IPv6 address (not IPv4-mapped, no zone), got %q", c.ProbeAddr6))
 	}
 	if c.MarkMask == 0 {
 		errs = append(errs, errors.New("mark mask must not be 0"))

@@ -76,10 +76,47 @@ func Version() string {
 	return hex.EncodeToString(h[:8])
 }
 
+// Addr is an address as the maps hold it: 16 bytes in network order, an IPv4
+// address IPv4-mapped (a zone is dropped).
+func Addr(a netip.Addr) [4]uint32 {
+	var out [4]uint32
+	if !a.IsValid() {
+		return out
+	}
+	b := a.As16()
+	for i := range out {
+		out[i] = binary.NativeEndian.Uint32(b[4*i:]) // network order in memory
+	}
+	return out
+}
+
+// AddrOf reads an address of the maps back; an IPv4-mapped one as IPv4.
+func AddrOf(v [4]uint32) netip.Addr {
+	var b [16]byte
+	for i, w := range v {
+		binary.NativeEndian.PutUint32(b[4*i:], w)
+	}
+	return netip.AddrFrom16(b).Unmap()
+}
+
+// IP4 is an IPv4 address as a network-order word.
+func IP4(a netip.Addr) uint32 {
+	if !a.Is4() {
+		return 0
+	}
+	b := a.As4()
+	return binary.NativeEndian.Uint32(b[:])
+}
+
 func toC(c config.Config) cConfig {
-	a := c.ProbeAddr.As4()
+	var v6 uint8
+	if c.IPv6 {
+		v6 = 1
+	}
 	return cConfig{
-		ProbeAddr:    binary.NativeEndian.Uint32(a[:]), // network order in memory
+		ProbeAddr:    IP4(c.ProbeAddr),
+		ProbeAddr6:   Addr(c.ProbeAddr6),
+		Ipv6:         v6,
 		ProxyMark:    c.ProxyMark,
 		ConnMark:     c.ConnMark,
 		MarkMask:     c.MarkMask,
@@ -97,9 +134,9 @@ func toC(c config.Config) cConfig {
 func mapSizes(c config.Config) map[string]uint32 {
 	return map[string]uint32{
 		redirectMapPods:       c.MaxPods,
-		redirectMapLocalAddrs: c.MaxPods * 8,
+		redirectMapLocalAddrs: c.MaxPods * 16, // both families' addresses
 		redirectMapIfaces:     c.MaxPods * 4,
-		redirectMapCounters:   c.MaxPods * uint32(RuleMax),
+		redirectMapCounters:   c.MaxPods * uint32(RuleMax) * 2, // per family
 		redirectMapOutFlows:   c.MaxFlows,
 		redirectMapInFlows:    c.MaxFlows,
 	}
@@ -386,6 +423,8 @@ func configDiff(pinned, want config.Config) string {
 	add("inbound port", pinned.InboundPort, want.InboundPort)
 	add("hbone port", pinned.HBONEPort, want.HBONEPort)
 	add("probe address", pinned.ProbeAddr, want.ProbeAddr)
+	add("IPv6 probe address", pinned.ProbeAddr6, want.ProbeAddr6)
+	add("IPv6 capture", pinned.IPv6, want.IPv6)
 	add("proxy mark", fmt.Sprintf("%#x", pinned.ProxyMark), fmt.Sprintf("%#x", want.ProxyMark))
 	add("connection mark", fmt.Sprintf("%#x", pinned.ConnMark), fmt.Sprintf("%#x", want.ConnMark))
 	add("mark mask", fmt.Sprintf("%#x", pinned.MarkMask), fmt.Sprintf("%#x", want.MarkMask))
@@ -428,7 +467,7 @@ func (d *Datapath) LiveConfig() (config.Config, error) {
 	binary.NativeEndian.PutUint32(a[:], c.ProbeAddr)
 	return config.Config{
 		OutboundPort: c.OutboundPort, InboundPort: c.InboundPort, HBONEPort: c.HbonePort,
-		ProbeAddr: netip.AddrFrom4(a),
+		ProbeAddr: netip.AddrFrom4(a), ProbeAddr6: AddrOf(c.ProbeAddr6), IPv6: c.Ipv6 != 0,
 		ProxyMark: c.ProxyMark, ConnMark: c.ConnMark, MarkMask: c.MarkMask,
 		RouteTable: int(c.RouteTable), RulePriority: int(c.RulePriority),
 		MaxPods: d.Pods.MaxEntries(), MaxFlows: d.OutFlows.MaxEntries(),
@@ -446,20 +485,37 @@ func (d *Datapath) Close() {
 	}
 }
 
-// Counts sums the per-CPU counters of one pod, by rule.
-func (d *Datapath) Counts(netns uint64) (map[Rule]uint64, error) {
-	out := map[Rule]uint64{}
-	for r := Rule(0); r < RuleMax; r++ {
-		var per []uint64
-		err := d.Counters.Lookup(CounterKey{Netns: netns, Rule: r}, &per)
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			continue
-		}
-		if err != nil {
-			return nil, err
-		}
-		for _, v := range per {
-			out[r] += v
+// Families the counters and explain tell apart: the two rulesets.
+const (
+	FamilyV4 uint8 = 4
+	FamilyV6 uint8 = 6
+)
+
+// Families are both, in the order stats shows them.
+var Families = []uint8{FamilyV4, FamilyV6}
+
+// Count is a counter's key without the pod: a rule of a family's ruleset.
+type Count struct {
+	Rule   Rule
+	Family uint8
+}
+
+// Counts sums the per-CPU counters of one pod, by rule and family.
+func (d *Datapath) Counts(netns uint64) (map[Count]uint64, error) {
+	out := map[Count]uint64{}
+	for _, fam := range Families {
+		for r := Rule(0); r < RuleMax; r++ {
+			var per []uint64
+			err := d.Counters.Lookup(CounterKey{Netns: netns, Rule: r, Family: fam}, &per)
+			if errors.Is(err, ebpf.ErrKeyNotExist) {
+				continue
+			}
+			if err != nil {
+				return nil, err
+			}
+			for _, v := range per {
+				out[Count{r, fam}] += v
+			}
 		}
 	}
 	return out, nil
@@ -482,18 +538,20 @@ type Hook struct {
 	Program *ebpf.Program
 }
 
-// Where hooks attach: the pod's cgroup, the proxy's cgroup, or tc on the
-// pod's interfaces.
+// Where hooks attach: the pod's cgroup, the proxy's cgroup, tc on the pod's
+// interfaces, or tc on the pod's lo.
 const (
 	ScopePod   = "pod"
 	ScopeProxy = "proxy"
 	ScopeTC    = "tc"
+	ScopeLo    = "lo"
 )
 
 // Hooks are the programs attached at scope, from the object itself: a
-// program's name says whose it is (pod_, proxy_), its section where it
-// attaches. So a new hook needs only its C function. Within one schema the
-// set of programs does not change (see Schema).
+// program's name says whose it is (pod_, proxy_; a tc program named pod_lo_
+// goes on the pod's lo), its section where it attaches. So a new hook needs
+// only its C function. Within one schema the set of programs does not change
+// (see Schema).
 func (d *Datapath) Hooks(scope string) ([]Hook, error) {
 	hooks, err := HookSpecs(scope)
 	if err != nil {
@@ -519,6 +577,9 @@ func HookSpecs(scope string) ([]Hook, error) {
 		s := owner
 		if ps.Type == ebpf.SchedCLS {
 			s = ScopeTC
+			if strings.HasPrefix(name, "pod_lo_") {
+				s = ScopeLo
+			}
 		}
 		if s != scope || (owner != ScopePod && owner != ScopeProxy) {
 			continue

@@ -26,6 +26,14 @@ var (
 	remoteIP  = netip.MustParseAddr("10.9.0.1")
 	probeIP   = netip.MustParseAddr("169.254.7.127")
 	localhost = netip.MustParseAddr("127.0.0.1")
+
+	podIP6     = netip.MustParseAddr("fd00:9::2")
+	secondIP6  = netip.MustParseAddr("fd00:9::3")
+	podLL6     = netip.MustParseAddr("fe80::2")
+	remoteIP6  = netip.MustParseAddr("fd00:9::1")
+	remoteLL6  = netip.MustParseAddr("fe80::1")
+	probeIP6   = netip.MustParseAddr("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
+	localhost6 = netip.MustParseAddr("::1")
 )
 
 func requireBPF(t testing.TB) {
@@ -71,14 +79,16 @@ type tcpPacket struct {
 	payload          []byte // nil: "hello"
 	totLenDelta      int    // added to the IP total length after it is computed
 	trailer          []byte // bytes after the IP packet (link-layer padding)
+	// IPv6 (src and dst are IPv6): extension headers before the TCP header,
+	// by type (HOPOPTS, ROUTING, DSTOPTS: 8 bytes; AH: 24; FRAGMENT: 8, with
+	// fragOff as its offset and M flag).
+	ext []uint8
 }
 
-func (p tcpPacket) bytes() []byte {
-	eth := make([]byte, 14)
-	copy(eth[0:6], []byte{2, 0, 0, 0, 0, 1})
-	copy(eth[6:12], []byte{2, 0, 0, 0, 0, 2})
-	binary.BigEndian.PutUint16(eth[12:], 0x0800)
-	ihl := 5 + len(p.ipOptions)/4
+func (p tcpPacket) v6() bool { return p.src.Is6() && !p.src.Is4In6() }
+
+// tcpHeader is the TCP header and payload of the packet.
+func (p tcpPacket) l4() []byte {
 	tcp := make([]byte, 20)
 	binary.BigEndian.PutUint16(tcp[0:], p.sport)
 	binary.BigEndian.PutUint16(tcp[2:], p.dport)
@@ -108,11 +118,91 @@ func (p tcpPacket) bytes() []byte {
 	if p.payload != nil {
 		payload = p.payload
 	}
+	return append(tcp, payload...)
+}
+
+func ethHeader(proto uint16) []byte {
+	eth := make([]byte, 14)
+	copy(eth[0:6], []byte{2, 0, 0, 0, 0, 1})
+	copy(eth[6:12], []byte{2, 0, 0, 0, 0, 2})
+	binary.BigEndian.PutUint16(eth[12:], proto)
+	return eth
+}
+
+// bytes6 builds an Ethernet/IPv6/TCP frame with a valid checksum.
+func (p tcpPacket) bytes6() []byte {
 	proto := p.proto
 	if proto == 0 {
 		proto = unix.IPPROTO_TCP
 	}
-	l4 := append(tcp, payload...)
+	l4 := p.l4()
+	if proto == unix.IPPROTO_TCP && p.truncateTCPAfter == 0 {
+		binary.BigEndian.PutUint16(l4[16:], tcpCsum6(p.src, p.dst, l4))
+	}
+	if p.truncateTCPAfter > 0 {
+		l4 = l4[:p.truncateTCPAfter]
+	}
+	// Extension headers, chained to the upper protocol.
+	var ext []byte
+	for i, typ := range p.ext {
+		next := proto
+		if i+1 < len(p.ext) {
+			next = p.ext[i+1]
+		}
+		var h []byte
+		switch typ {
+		case unix.IPPROTO_AH:
+			h = make([]byte, 24)
+			h[1] = 4 // (4+2)*4 = 24 bytes
+		case unix.IPPROTO_FRAGMENT:
+			h = make([]byte, 8)
+			binary.BigEndian.PutUint16(h[2:], p.fragOff)
+		default:
+			h = make([]byte, 8) // hdrlen 0: 8 bytes
+		}
+		h[0] = next
+		ext = append(ext, h...)
+	}
+	first := proto
+	if len(p.ext) > 0 {
+		first = p.ext[0]
+	}
+	ip := make([]byte, 40)
+	ip[0] = 0x60
+	binary.BigEndian.PutUint16(ip[4:], uint16(len(ext)+len(l4)+p.totLenDelta))
+	ip[6] = first
+	ip[7] = 64
+	s, d := p.src.As16(), p.dst.As16()
+	copy(ip[8:24], s[:])
+	copy(ip[24:40], d[:])
+	return append(append(append(append(ethHeader(0x86dd), ip...), ext...), l4...), p.trailer...)
+}
+
+func tcpCsum6(src, dst netip.Addr, l4 []byte) uint16 {
+	ph := make([]byte, 40)
+	s, d := src.As16(), dst.As16()
+	copy(ph[0:16], s[:])
+	copy(ph[16:32], d[:])
+	binary.BigEndian.PutUint32(ph[32:], uint32(len(l4)))
+	ph[39] = unix.IPPROTO_TCP
+	c := append(ph, l4...)
+	cp := make([]byte, len(c))
+	copy(cp, c)
+	cp[40+16], cp[40+17] = 0, 0
+	return csum(cp)
+}
+
+func (p tcpPacket) bytes() []byte {
+	if p.v6() {
+		return p.bytes6()
+	}
+	eth := ethHeader(0x0800)
+	ihl := 5 + len(p.ipOptions)/4
+	proto := p.proto
+	if proto == 0 {
+		proto = unix.IPPROTO_TCP
+	}
+	l4 := p.l4()
 	if p.truncateTCPAfter > 0 {
 		l4 = l4[:p.truncateTCPAfter]
 	}
@@ -169,6 +259,9 @@ type parsed struct {
 
 func parse(t *testing.T, b []byte) parsed {
 	t.Helper()
+	if binary.BigEndian.Uint16(b[12:]) == 0x86dd {
+		return parse6(t, b)
+	}
 	ip := b[14:]
 	ihl := int(ip[0]&0xf) * 4
 	tot := int(binary.BigEndian.Uint16(ip[2:]))
@@ -180,6 +273,28 @@ func parse(t *testing.T, b []byte) parsed {
 	p.dport = binary.BigEndian.Uint16(l4[2:])
 	p.ipOK = csum(ip[:ihl]) == 0
 	p.tcpOK = binary.BigEndian.Uint16(l4[16:]) == tcpCsum(ip[:ihl], l4)
+	return p
+}
+
+// parse6 reads an IPv6 frame, skipping the extension headers bytes6 makes.
+func parse6(t *testing.T, b []byte) parsed {
+	t.Helper()
+	ip := b[14:]
+	var p parsed
+	p.src, p.dst = netip.AddrFrom16([16]byte(ip[8:24])), netip.AddrFrom16([16]byte(ip[24:40]))
+	next, off := ip[6], 40
+	for next != unix.IPPROTO_TCP {
+		switch next {
+		case unix.IPPROTO_AH:
+			next, off = ip[off], off+(int(ip[off+1])+2)*4
+		default:
+			next, off = ip[off], off+(int(ip[off+1])+1)*8
+		}
+	}
+	l4 := ip[off : 40+int(binary.BigEndian.Uint16(ip[4:]))]
+	p.sport, p.dport = binary.BigEndian.Uint16(l4[0:]), binary.BigEndian.Uint16(l4[2:])
+	p.ipOK = true // no IPv6 header checksum
+	p.tcpOK = binary.BigEndian.Uint16(l4[16:]) == tcpCsum6(p.src, p.dst, l4)
 	return p
 }
 
@@ -204,19 +319,11 @@ func (f *fixture) run(t *testing.T, prog *ebpf.Program, pkt []byte, mark uint32)
 
 func (f *fixture) counter(t *testing.T, r Rule) uint64 {
 	t.Helper()
-	var vals []uint64
-	err := f.dp.Counters.Lookup(CounterKey{Netns: f.cookie, Rule: r}, &vals)
-	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		return 0
-	}
+	counts, err := f.dp.Counts(f.cookie)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var n uint64
-	for _, v := range vals {
-		n += v
-	}
-	return n
+	return counts[Count{r, FamilyV4}] + counts[Count{r, FamilyV6}]
 }
 
 func TestIngressLeavesAlone(t *testing.T) {
@@ -283,10 +390,10 @@ func TestIngressRedirectsNewConnections(t *testing.T) {
 				t.Fatalf("checksums broken: ip ok %v, tcp ok %v", p.ipOK, p.tcpOK)
 			}
 			var fl InFlow
-			if err := f.dp.InFlows.Lookup(FlowKey{Netns: f.cookie, Ip: be32(tc.pkt.src), Port: tc.pkt.sport}, &fl); err != nil {
+			if err := f.dp.InFlows.Lookup(FlowKey{Netns: f.cookie, Addr: Addr(tc.pkt.src), Port: tc.pkt.sport}, &fl); err != nil {
 				t.Fatalf("no flow entry: %v", err)
 			}
-			if fl.OrigIp != be32(tc.pkt.dst) || fl.OrigPort != tc.pkt.dport || fl.NewIp != be32(podIP) {
+			if fl.Orig != Addr(tc.pkt.dst) || fl.OrigPort != tc.pkt.dport || fl.New != Addr(podIP) {
 				t.Fatalf("flow entry %+v", fl)
 			}
 			if f.counter(t, RuleInRedirect) != before+1 {
@@ -322,7 +429,7 @@ func TestIngressExemptSYNForgetsEarlierFlow(t *testing.T) {
 	hb := tcpPacket{src: remoteIP, dst: podIP, sport: 42000, dport: 15008, syn: true}
 	f.run(t, f.dp.PodIngress, hb.bytes(), 0)
 	var fl InFlow
-	if err := f.dp.InFlows.Lookup(FlowKey{Netns: f.cookie, Ip: be32(remoteIP), Port: 42000}, &fl); !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := f.dp.InFlows.Lookup(FlowKey{Netns: f.cookie, Addr: Addr(remoteIP), Port: 42000}, &fl); !errors.Is(err, ebpf.ErrKeyNotExist) {
 		t.Fatalf("stale flow entry kept: %+v, %v", fl, err)
 	}
 }

@@ -14,11 +14,11 @@ import (
 func TestExplainDecidesAsTheRules(t *testing.T) {
 	f := newFixture(t)
 	pod := f.cookie
-	if err := f.dp.Pods.Put(pod, PodInfo{PodIp: be32(podIP)}); err != nil {
+	if err := f.dp.Pods.Put(pod, PodInfo{Ip4: be32(podIP)}); err != nil {
 		t.Fatal(err)
 	}
 	for _, a := range []netip.Addr{podIP, secondIP} {
-		if err := f.dp.LocalAddrs.Put(LocalKey{Netns: pod, Addr: be32(a)}, uint8(1)); err != nil {
+		if err := f.dp.LocalAddrs.Put(LocalKey{Netns: pod, Addr: Addr(a)}, uint8(1)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -29,11 +29,11 @@ func TestExplainDecidesAsTheRules(t *testing.T) {
 	ap := netip.MustParseAddrPort
 	out := func(dst string, mark, dev uint32) ExplainQuery {
 		d := ap(dst)
-		return ExplainQuery{Netns: pod, Dst: be32(d.Addr()), Dport: d.Port(), Mark: mark, Ifindex: dev, Proto: unix.IPPROTO_TCP}
+		return ExplainQuery{Netns: pod, Dst: Addr(d.Addr()), Dport: d.Port(), Mark: mark, Ifindex: dev, Proto: unix.IPPROTO_TCP}
 	}
 	in := func(src, dst string, mark, ifindex uint32) ExplainQuery {
 		q := out(dst, mark, ifindex)
-		q.Inbound, q.Src = 1, be32(ap(src).Addr())
+		q.Inbound, q.Src = 1, Addr(ap(src).Addr())
 		return q
 	}
 	udp := out("10.9.0.1:53", 0, 0)
@@ -67,18 +67,15 @@ func TestExplainDecidesAsTheRules(t *testing.T) {
 		{"inbound hbone", in("10.9.0.1:4000", "10.9.0.2:15008", 0, 1), RuleInUntouched, "10.9.0.2:15008"},
 		{"inbound 127.0.0.1", in("10.9.0.1:4000", "127.0.0.1:8080", 0, 1), RuleInUntouched, "127.0.0.1:8080"},
 		{"inbound proxy mark", in("10.9.0.1:4000", "10.9.0.2:8080", 0x539, 1), RuleInUntouched, "10.9.0.2:8080"},
-		{"inbound on an interface without an address", in("10.9.0.1:4000", "10.9.0.2:8080", 0, 7), RuleFailClosed, "0.0.0.0:15006"},
-		{"inbound on an unknown interface", in("10.9.0.1:4000", "10.9.0.2:8080", 0, 8), RuleFailClosed, "0.0.0.0:15006"},
+		{"inbound on an interface without an address", in("10.9.0.1:4000", "10.9.0.2:8080", 0, 7), RuleFailClosed, "[::]:15006"},
+		{"inbound on an unknown interface", in("10.9.0.1:4000", "10.9.0.2:8080", 0, 8), RuleFailClosed, "[::]:15006"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ans, err := f.dp.Explain(tc.q)
 			if err != nil {
 				t.Fatal(err)
 			}
-			var a [4]byte
-			be := ans.ToIp
-			a[0], a[1], a[2], a[3] = byte(be), byte(be>>8), byte(be>>16), byte(be>>24)
-			to := netip.AddrPortFrom(netip.AddrFrom4(a), ans.ToPort).String()
+			to := netip.AddrPortFrom(AddrOf(ans.To), ans.ToPort).String()
 			if Rule(ans.Rule) != tc.rule || to != tc.to {
 				t.Errorf("got %v -> %s, want %v -> %s", Rule(ans.Rule), to, tc.rule, tc.to)
 			}

@@ -29,7 +29,7 @@ func newSizedFixture(t testing.TB, size func(*config.Config)) *fixture {
 	}
 	t.Cleanup(dp.Close)
 	f := &fixture{dp: dp, cookie: hostCookie(t)}
-	if err := dp.Ifaces.Put(IfaceKey{Netns: f.cookie, Ifindex: 1}, IfaceInfo{PrimaryIp: be32(podIP)}); err != nil {
+	if err := dp.Ifaces.Put(IfaceKey{Netns: f.cookie, Ifindex: 1}, IfaceInfo{Primary4: be32(podIP), Primary6: Addr(podIP6), Ll6: Addr(podLL6)}); err != nil {
 		t.Fatal(err)
 	}
 	return f
@@ -50,7 +50,7 @@ func runCtx(t testing.TB, prog *ebpf.Program, pkt []byte, ctx []byte) (int32, []
 func (f *fixture) flow(t testing.TB, src netip.Addr, sport uint16) (InFlow, bool) {
 	t.Helper()
 	var fl InFlow
-	err := f.dp.InFlows.Lookup(FlowKey{Netns: f.cookie, Ip: be32(src), Port: sport}, &fl)
+	err := f.dp.InFlows.Lookup(FlowKey{Netns: f.cookie, Addr: Addr(src), Port: sport}, &fl)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fl, false
 	}
@@ -257,7 +257,7 @@ func TestSockIngressRefusesUncapturedInterfaces(t *testing.T) {
 	t.Run("ACK on an interface without state", func(t *testing.T) { check(t, ack, other, 1) })
 	t.Run("SYN-ACK on an interface without state", func(t *testing.T) { check(t, synAck, other, 1) })
 	t.Run("UDP on an interface without state", func(t *testing.T) { check(t, udp, other, 1) })
-	if err := f.dp.Ifaces.Put(IfaceKey{Netns: f.cookie, Ifindex: uint32(other)}, IfaceInfo{PrimaryIp: be32(podIP)}); err != nil {
+	if err := f.dp.Ifaces.Put(IfaceKey{Netns: f.cookie, Ifindex: uint32(other)}, IfaceInfo{Primary4: be32(podIP)}); err != nil {
 		t.Fatal(err)
 	}
 	t.Run("SYN on a captured interface", func(t *testing.T) { check(t, syn, other, 1) })
@@ -273,12 +273,12 @@ func TestShrunkMapsAreFull(t *testing.T) {
 	if err := f.dp.Pods.Put(uint64(2), PodInfo{}); err == nil {
 		t.Fatal("a pods map of 1 entry took a second one")
 	}
-	for a := uint32(1); a <= 8; a++ {
-		if err := f.dp.LocalAddrs.Put(LocalKey{Netns: 1, Addr: a}, uint8(1)); err != nil {
+	for a := uint32(1); a <= 16; a++ {
+		if err := f.dp.LocalAddrs.Put(LocalKey{Netns: 1, Addr: [4]uint32{0, 0, 0, a}}, uint8(1)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := f.dp.LocalAddrs.Put(LocalKey{Netns: 1, Addr: 9}, uint8(1)); err == nil {
-		t.Fatal("a local_addrs map sized for 1 pod (8 addresses) took a ninth")
+	if err := f.dp.LocalAddrs.Put(LocalKey{Netns: 1, Addr: [4]uint32{0, 0, 0, 17}}, uint8(1)); err == nil {
+		t.Fatal("a local_addrs map sized for 1 pod (16 addresses) took a 17th")
 	}
 }

@@ -16,52 +16,59 @@ import (
 type redirectConfig struct {
 	_            structs.HostLayout
 	ProbeAddr    uint32
+	ProbeAddr6   [4]uint32
 	ProxyMark    uint32
 	ConnMark     uint32
 	MarkMask     uint32
 	OutboundPort uint16
 	InboundPort  uint16
 	HbonePort    uint16
-	Pad          uint16
+	Ipv6         uint8
+	Pad          uint8
 	RouteTable   uint32
 	RulePriority uint32
 }
 
 type redirectCounterKey struct {
-	_     structs.HostLayout
-	Netns uint64
-	Rule  redirectRule
-	Pad   uint32
+	_      structs.HostLayout
+	Netns  uint64
+	Rule   redirectRule
+	Family uint8
+	Pad    [3]uint8
 }
 
 type redirectExplainQuery struct {
 	_       structs.HostLayout
 	Netns   uint64
-	Src     uint32
-	Dst     uint32
+	Src     [4]uint32
+	Dst     [4]uint32
 	Dport   uint16
 	Inbound uint8
 	Proto   uint8
 	Mark    uint32
 	Ifindex uint32
 	Rule    uint32
-	ToIp    uint32
+	To      [4]uint32
 	ToPort  uint16
-	Pad     uint16
+	Family  uint8
+	Pad     uint8
+	_       [4]byte
 }
 
 type redirectFlowKey struct {
 	_     structs.HostLayout
 	Netns uint64
-	Ip    uint32
+	Addr  [4]uint32
 	Port  uint16
 	Pad   uint16
+	Pad2  uint32
 }
 
 type redirectIfaceInfo struct {
-	_         structs.HostLayout
-	PrimaryIp uint32
-	Pad       uint32
+	_        structs.HostLayout
+	Primary4 uint32
+	Primary6 [4]uint32
+	Ll6      [4]uint32
 }
 
 type redirectIfaceKey struct {
@@ -73,8 +80,8 @@ type redirectIfaceKey struct {
 
 type redirectInFlow struct {
 	_           structs.HostLayout
-	OrigIp      uint32
-	NewIp       uint32
+	Orig        [4]uint32
+	New         [4]uint32
 	OrigPort    uint16
 	InFin       uint8
 	OutFinAcked uint8
@@ -90,21 +97,22 @@ type redirectInFlow struct {
 type redirectLocalKey struct {
 	_     structs.HostLayout
 	Netns uint64
-	Addr  uint32
-	Pad   uint32
+	Addr  [4]uint32
 }
 
 type redirectOrigDst struct {
 	_    structs.HostLayout
-	Ip   uint32
+	Addr [4]uint32
 	Port uint16
 	Pad  uint16
 }
 
 type redirectPodInfo struct {
-	_     structs.HostLayout
-	PodIp uint32
-	Pad   uint32
+	_         structs.HostLayout
+	Ip4       uint32
+	Ip6       [4]uint32
+	Ll6       [4]uint32
+	LlIfindex uint32
 }
 
 type redirectRule uint32
@@ -134,6 +142,7 @@ const (
 	redirectMapLocalAddrs       = "local_addrs"
 	redirectMapOutFlows         = "out_flows"
 	redirectMapPods             = "pods"
+	redirectMapSkCaptureMark    = "sk_capture_mark"
 	redirectMapSkOrig           = "sk_orig"
 	redirectProgExplain         = "explain"
 	redirectProgPodConnect4     = "pod_connect4"
@@ -141,7 +150,9 @@ const (
 	redirectProgPodEgress       = "pod_egress"
 	redirectProgPodGetpeername4 = "pod_getpeername4"
 	redirectProgPodGetpeername6 = "pod_getpeername6"
+	redirectProgPodGetsockopt   = "pod_getsockopt"
 	redirectProgPodIngress      = "pod_ingress"
+	redirectProgPodLoIngress    = "pod_lo_ingress"
 	redirectProgPodSockIngress  = "pod_sock_ingress"
 	redirectProgPodSockops      = "pod_sockops"
 	redirectProgProxyGetsockopt = "proxy_getsockopt"
@@ -196,7 +207,9 @@ type redirectProgramSpecs struct {
 	PodEgress       *ebpf.ProgramSpec `ebpf:"pod_egress"`
 	PodGetpeername4 *ebpf.ProgramSpec `ebpf:"pod_getpeername4"`
 	PodGetpeername6 *ebpf.ProgramSpec `ebpf:"pod_getpeername6"`
+	PodGetsockopt   *ebpf.ProgramSpec `ebpf:"pod_getsockopt"`
 	PodIngress      *ebpf.ProgramSpec `ebpf:"pod_ingress"`
+	PodLoIngress    *ebpf.ProgramSpec `ebpf:"pod_lo_ingress"`
 	PodSockIngress  *ebpf.ProgramSpec `ebpf:"pod_sock_ingress"`
 	PodSockops      *ebpf.ProgramSpec `ebpf:"pod_sockops"`
 	ProxyGetsockopt *ebpf.ProgramSpec `ebpf:"proxy_getsockopt"`
@@ -206,13 +219,14 @@ type redirectProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type redirectMapSpecs struct {
-	Counters   *ebpf.MapSpec `ebpf:"counters"`
-	Ifaces     *ebpf.MapSpec `ebpf:"ifaces"`
-	InFlows    *ebpf.MapSpec `ebpf:"in_flows"`
-	LocalAddrs *ebpf.MapSpec `ebpf:"local_addrs"`
-	OutFlows   *ebpf.MapSpec `ebpf:"out_flows"`
-	Pods       *ebpf.MapSpec `ebpf:"pods"`
-	SkOrig     *ebpf.MapSpec `ebpf:"sk_orig"`
+	Counters      *ebpf.MapSpec `ebpf:"counters"`
+	Ifaces        *ebpf.MapSpec `ebpf:"ifaces"`
+	InFlows       *ebpf.MapSpec `ebpf:"in_flows"`
+	LocalAddrs    *ebpf.MapSpec `ebpf:"local_addrs"`
+	OutFlows      *ebpf.MapSpec `ebpf:"out_flows"`
+	Pods          *ebpf.MapSpec `ebpf:"pods"`
+	SkCaptureMark *ebpf.MapSpec `ebpf:"sk_capture_mark"`
+	SkOrig        *ebpf.MapSpec `ebpf:"sk_orig"`
 }
 
 // redirectVariableSpecs contains global variables before they are loaded into the kernel.
@@ -242,13 +256,14 @@ func (o *redirectObjects) Close() error {
 //
 // It can be passed to loadRedirectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type redirectMaps struct {
-	Counters   *ebpf.Map `ebpf:"counters"`
-	Ifaces     *ebpf.Map `ebpf:"ifaces"`
-	InFlows    *ebpf.Map `ebpf:"in_flows"`
-	LocalAddrs *ebpf.Map `ebpf:"local_addrs"`
-	OutFlows   *ebpf.Map `ebpf:"out_flows"`
-	Pods       *ebpf.Map `ebpf:"pods"`
-	SkOrig     *ebpf.Map `ebpf:"sk_orig"`
+	Counters      *ebpf.Map `ebpf:"counters"`
+	Ifaces        *ebpf.Map `ebpf:"ifaces"`
+	InFlows       *ebpf.Map `ebpf:"in_flows"`
+	LocalAddrs    *ebpf.Map `ebpf:"local_addrs"`
+	OutFlows      *ebpf.Map `ebpf:"out_flows"`
+	Pods          *ebpf.Map `ebpf:"pods"`
+	SkCaptureMark *ebpf.Map `ebpf:"sk_capture_mark"`
+	SkOrig        *ebpf.Map `ebpf:"sk_orig"`
 }
 
 func (m *redirectMaps) Close() error {
@@ -259,6 +274,7 @@ func (m *redirectMaps) Close() error {
 		m.LocalAddrs,
 		m.OutFlows,
 		m.Pods,
+		m.SkCaptureMark,
 		m.SkOrig,
 	)
 }
@@ -280,7 +296,9 @@ type redirectPrograms struct {
 	PodEgress       *ebpf.Program `ebpf:"pod_egress"`
 	PodGetpeername4 *ebpf.Program `ebpf:"pod_getpeername4"`
 	PodGetpeername6 *ebpf.Program `ebpf:"pod_getpeername6"`
+	PodGetsockopt   *ebpf.Program `ebpf:"pod_getsockopt"`
 	PodIngress      *ebpf.Program `ebpf:"pod_ingress"`
+	PodLoIngress    *ebpf.Program `ebpf:"pod_lo_ingress"`
 	PodSockIngress  *ebpf.Program `ebpf:"pod_sock_ingress"`
 	PodSockops      *ebpf.Program `ebpf:"pod_sockops"`
 	ProxyGetsockopt *ebpf.Program `ebpf:"proxy_getsockopt"`
@@ -294,7 +312,9 @@ func (p *redirectPrograms) Close() error {
 		p.PodEgress,
 		p.PodGetpeername4,
 		p.PodGetpeername6,
+		p.PodGetsockopt,
 		p.PodIngress,
+		p.PodLoIngress,
 		p.PodSockIngress,
 		p.PodSockops,
 		p.ProxyGetsockopt,

@@ -29,7 +29,7 @@ func pinnedFixture(t *testing.T) (dir string, cfg config.Config) {
 		t.Fatal(err)
 	}
 	defer dp.Close()
-	if err := dp.Pods.Put(uint64(42), PodInfo{PodIp: 7}); err != nil {
+	if err := dp.Pods.Put(uint64(42), PodInfo{Ip4: 7}); err != nil {
 		t.Fatal(err)
 	}
 	dir = filepath.Join(root, "dp")
@@ -75,7 +75,7 @@ func TestUpgradeAddsAMap(t *testing.T) {
 	}
 	defer nd.Close()
 	var v PodInfo
-	if err := nd.Pods.Lookup(uint64(42), &v); err != nil || v.PodIp != 7 {
+	if err := nd.Pods.Lookup(uint64(42), &v); err != nil || v.Ip4 != 7 {
 		t.Fatalf("the pods map did not carry over: %+v %v", v, err)
 	}
 	if n := nd.OutFlows.MaxEntries(); n != 1024 {
@@ -103,7 +103,7 @@ func TestUpgradeRefusesAChangedLayout(t *testing.T) {
 	dir, cfg := pinnedFixture(t)
 	before := pins(t, dir)
 	_, err := PrepareUpgrade(dir, cfg, Options{Hook: widenPods, Schema: Schema + 1})
-	if !errors.Is(err, ErrLayoutChanged) || !strings.Contains(err.Error(), "pods: value size 16, pinned 8") {
+	if !errors.Is(err, ErrLayoutChanged) || !strings.Contains(err.Error(), "pods: value size 48, pinned 40") {
 		t.Fatalf("PrepareUpgrade: %v", err)
 	}
 	if after := pins(t, dir); !mapsEqual(before, after) {

@@ -81,12 +81,19 @@ func Cookie(ns netns.NsHandle) (uint64, error) {
 	return cookie, err
 }
 
-// Iface is a non-loopback interface of the pod and its IPv4 addresses, primary
-// (the first, the one REDIRECT uses) first.
+// Iface is a non-loopback interface of the pod and its addresses.
 type Iface struct {
 	Index int
 	Name  string
+	// Addrs are its IPv4 addresses, primary (the first, the one REDIRECT
+	// uses) first.
 	Addrs []netip.Addr
+	// Global6 are its global (and unique local) IPv6 addresses, in the
+	// kernel's order: REDIRECT uses the first for a global destination.
+	Global6 []netip.Addr
+	// LinkLocal6 are its link-local ones: REDIRECT uses the first for a
+	// link-local destination.
+	LinkLocal6 []netip.Addr
 }
 
 // Info is what the datapath needs to know about a pod's namespace.
@@ -96,7 +103,15 @@ type Info struct {
 	// (else of the first interface with one): the source a redirected
 	// outbound socket would have used.
 	PodIP netip.Addr
-	// Local is every IPv4 address the namespace owns, on any interface.
+	// PodIP6 is the same for IPv6 (the IPv6 default route's interface, else
+	// the IPv4 one's, else the first with a global address); PodLL6 the
+	// link-local address of that interface, whose index is PodLLIndex.
+	PodIP6     netip.Addr
+	PodLL6     netip.Addr
+	PodLLIndex int
+	// Local is every address the namespace owns, of both families, on any
+	// interface (IPv6 link-local ones included), but tentative ones (DAD not
+	// done): the kernel does not route those locally yet.
 	Local []netip.Addr
 }
 
@@ -115,61 +130,104 @@ func Inspect(ns netns.NsHandle) (Info, error) {
 	byIndex := map[int]*Iface{}
 	for _, l := range links {
 		a := l.Attrs()
-		addrs, err := h.AddrList(l, netlink.FAMILY_V4)
+		addrs, err := h.AddrList(l, netlink.FAMILY_ALL)
 		if err != nil {
 			return info, fmt.Errorf("listing addresses of %s: %w", a.Name, err)
 		}
-		var primary, secondary []netip.Addr
+		ifc := Iface{Index: a.Index, Name: a.Name}
+		var secondary []netip.Addr
 		for _, ad := range addrs {
-			ip, ok := netip.AddrFromSlice(ad.IP.To4())
+			ip, ok := netip.AddrFromSlice(ad.IP)
 			if !ok {
 				continue
 			}
+			ip = ip.Unmap()
+			if ad.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED) != 0 {
+				continue
+			}
 			info.Local = append(info.Local, ip)
-			if ad.Flags&unix.IFA_F_SECONDARY != 0 {
+			switch {
+			case ip.Is4() && ad.Flags&unix.IFA_F_SECONDARY != 0:
 				secondary = append(secondary, ip)
-			} else {
-				primary = append(primary, ip)
+			case ip.Is4():
+				ifc.Addrs = append(ifc.Addrs, ip)
+			case ip.IsLinkLocalUnicast():
+				ifc.LinkLocal6 = append(ifc.LinkLocal6, ip)
+			case ip.IsGlobalUnicast():
+				ifc.Global6 = append(ifc.Global6, ip)
 			}
 		}
+		ifc.Addrs = append(ifc.Addrs, secondary...)
 		if a.Flags&net.FlagLoopback != 0 {
 			continue
 		}
-		info.Ifaces = append(info.Ifaces, Iface{Index: a.Index, Name: a.Name, Addrs: append(primary, secondary...)})
-		byIndex[a.Index] = &info.Ifaces[len(info.Ifaces)-1]
+		info.Ifaces = append(info.Ifaces, ifc)
 	}
-	routes, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	for i := range info.Ifaces {
+		byIndex[info.Ifaces[i].Index] = &info.Ifaces[i]
+	}
+	def4, err := defaultRouteLink(h, netlink.FAMILY_V4)
 	if err != nil {
-		return info, fmt.Errorf("listing routes: %w", err)
+		return info, err
 	}
-	for _, r := range routes {
-		if (r.Dst == nil || r.Dst.IP.IsUnspecified()) && byIndex[r.LinkIndex] != nil && len(byIndex[r.LinkIndex].Addrs) > 0 {
-			info.PodIP = byIndex[r.LinkIndex].Addrs[0]
-			break
-		}
+	def6, err := defaultRouteLink(h, netlink.FAMILY_V6)
+	if err != nil {
+		return info, err
 	}
-	if !info.PodIP.IsValid() {
-		for _, ifc := range info.Ifaces {
-			if len(ifc.Addrs) > 0 {
-				info.PodIP = ifc.Addrs[0]
-				break
+	first := func(pick func(*Iface) []netip.Addr, prefer ...int) (netip.Addr, int) {
+		for _, idx := range prefer {
+			if ifc := byIndex[idx]; ifc != nil && len(pick(ifc)) > 0 {
+				return pick(ifc)[0], idx
 			}
 		}
+		for i := range info.Ifaces {
+			if as := pick(&info.Ifaces[i]); len(as) > 0 {
+				return as[0], info.Ifaces[i].Index
+			}
+		}
+		return netip.Addr{}, 0
 	}
+	info.PodIP, _ = first(func(i *Iface) []netip.Addr { return i.Addrs }, def4)
+	var at int
+	info.PodIP6, at = first(func(i *Iface) []netip.Addr { return i.Global6 }, def6, def4)
+	if at == 0 {
+		at = def4
+	}
+	info.PodLL6, info.PodLLIndex = first(func(i *Iface) []netip.Addr { return i.LinkLocal6 }, at, def4)
 	return info, nil
 }
 
-// PolicyRoute is the reference's inpod-routes.sh: marked replies are
-// delivered locally through lo.
+// defaultRouteLink is the interface of the family's default route in the
+// main table, 0 if none.
+func defaultRouteLink(h *netlink.Handle, family int) (int, error) {
+	routes, err := h.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return 0, fmt.Errorf("listing routes: %w", err)
+	}
+	for _, r := range routes {
+		if r.Dst == nil || r.Dst.IP.IsUnspecified() {
+			if r.LinkIndex != 0 {
+				return r.LinkIndex, nil
+			}
+			for _, nh := range r.MultiPath {
+				return nh.LinkIndex, nil
+			}
+		}
+	}
+	return 0, nil
+}
+
+// PolicyRoute is the reference's inpod-routes.sh (and inpod-routes6.sh):
+// marked replies are delivered locally through lo.
 type PolicyRoute struct {
 	Mark, Mask uint32
 	Table      int
 	Priority   int
 }
 
-func (p PolicyRoute) rule() *netlink.Rule {
+func (p PolicyRoute) rule(family int) *netlink.Rule {
 	r := netlink.NewRule()
-	r.Family = unix.AF_INET
+	r.Family = family
 	r.Mark = p.Mark
 	mask := p.Mask
 	r.Mask = &mask
@@ -178,43 +236,58 @@ func (p PolicyRoute) rule() *netlink.Rule {
 	return r
 }
 
-func (p PolicyRoute) route() *netlink.Route {
+func (p PolicyRoute) route(family int) *netlink.Route {
+	dst := &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
+	if family == unix.AF_INET6 {
+		dst = &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
+	}
 	return &netlink.Route{
-		Family:    unix.AF_INET,
+		Family:    family,
 		Type:      unix.RTN_LOCAL,
-		Dst:       &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)},
+		Dst:       dst,
 		LinkIndex: 1, // lo
 		Table:     p.Table,
 		Scope:     netlink.SCOPE_HOST,
 	}
 }
 
-// Install adds the rule and the route. It reports which of them it created,
-// so that Remove takes away only those (an existing identical one is shared).
-func (p PolicyRoute) Install(ns netns.NsHandle) (rule, route bool, err error) {
+func familyName(family int) string {
+	if family == unix.AF_INET6 {
+		return "IPv6"
+	}
+	return "IPv4"
+}
+
+// Install adds the family's rule and route (unix.AF_INET or AF_INET6). It
+// reports which of them it created, so that Remove takes away only those (an
+// existing identical one is shared).
+func (p PolicyRoute) Install(ns netns.NsHandle, family int) (rule, route bool, err error) {
 	h, err := netlink.NewHandleAt(ns)
 	if err != nil {
 		return false, false, err
 	}
 	defer h.Close()
-	if err := h.RuleAdd(p.rule()); err == nil {
+	if err := h.RuleAdd(p.rule(family)); err == nil {
 		rule = true
 	} else if !errors.Is(err, unix.EEXIST) {
-		return false, false, fmt.Errorf("adding ip rule fwmark %#x/%#x lookup %d: %w", p.Mark, p.Mask, p.Table, err)
+		return false, false, fmt.Errorf("adding %s ip rule fwmark %#x/%#x lookup %d: %w", familyName(family), p.Mark, p.Mask, p.Table, err)
 	}
-	if err := h.RouteAdd(p.route()); err == nil {
+	if err := h.RouteAdd(p.route(family)); err == nil {
 		route = true
 	} else if !errors.Is(err, unix.EEXIST) {
 		if rule {
-			_ = h.RuleDel(p.rule())
+			_ = h.RuleDel(p.rule(family)) // best effort: the caller reports the failure
 		}
-		return false, false, fmt.Errorf("adding local route 0.0.0.0/0 dev lo table %d: %w", p.Table, err)
+		return false, false, fmt.Errorf("adding %s local route %s dev lo table %d: %w", familyName(family), p.route(family).Dst, p.Table, err)
 	}
 	return rule, route, nil
 }
 
 // Remove deletes what Install created.
-func (p PolicyRoute) Remove(ns netns.NsHandle, rule, route bool) error {
+func (p PolicyRoute) Remove(ns netns.NsHandle, family int, rule, route bool) error {
+	if !rule && !route {
+		return nil
+	}
 	h, err := netlink.NewHandleAt(ns)
 	if err != nil {
 		return err
@@ -222,13 +295,13 @@ func (p PolicyRoute) Remove(ns netns.NsHandle, rule, route bool) error {
 	defer h.Close()
 	var errs []error
 	if route {
-		if err := h.RouteDel(p.route()); err != nil && !errors.Is(err, unix.ESRCH) {
-			errs = append(errs, fmt.Errorf("removing local route table %d: %w", p.Table, err))
+		if err := h.RouteDel(p.route(family)); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, fmt.Errorf("removing %s local route table %d: %w", familyName(family), p.Table, err))
 		}
 	}
 	if rule {
-		if err := h.RuleDel(p.rule()); err != nil && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("removing ip rule lookup %d: %w", p.Table, err))
+		if err := h.RuleDel(p.rule(family)); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("removing %s ip rule lookup %d: %w", familyName(family), p.Table, err))
 		}
 	}
 	return errors.Join(errs...)

@@ -1,7 +1,6 @@
 package redirect
 
 import (
-	"encoding/binary"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -13,8 +12,8 @@ import (
 	"github.com/ebpf-redirect/ebpf-redirect/internal/rules"
 )
 
-// Counts is how many connections each rule took for one pod.
-type Counts map[datapath.Rule]uint64
+// Counts is how many connections each rule of each family took for one pod.
+type Counts map[datapath.Count]uint64
 
 // Stats reads one pod's per-rule counters, and the config the datapath runs
 // with (to render the rules).
@@ -75,12 +74,9 @@ func Explain(o Options, id string, q rules.Query) (rules.Decision, error) {
 	if err != nil {
 		return rules.Decision{}, err
 	}
-	if !q.Dst.Addr().Is4() || (q.Inbound && !q.Src.Addr().Is4()) {
-		return rules.Decision{}, fmt.Errorf("explain: only IPv4 is captured (%s)", q.Dst)
-	}
 	eq := datapath.ExplainQuery{
 		Netns: rec.NetnsCookie,
-		Dst:   ip4(q.Dst.Addr()),
+		Dst:   datapath.Addr(q.Dst.Addr()),
 		Dport: q.Dst.Port(),
 		Mark:  q.Mark,
 		Proto: unix.IPPROTO_TCP,
@@ -89,7 +85,7 @@ func Explain(o Options, id string, q rules.Query) (rules.Decision, error) {
 		eq.Proto = unix.IPPROTO_UDP
 	}
 	if q.Inbound {
-		eq.Inbound, eq.Src = 1, ip4(q.Src.Addr())
+		eq.Inbound, eq.Src = 1, datapath.Addr(q.Src.Addr())
 		if eq.Ifindex, err = rec.arrival(q.Iface, q.Dst.Addr()); err != nil {
 			return rules.Decision{}, err
 		}
@@ -102,8 +98,8 @@ func Explain(o Options, id string, q rules.Query) (rules.Decision, error) {
 	if err != nil {
 		return rules.Decision{}, err
 	}
-	to := netip.AddrPortFrom(addrOf(ans.ToIp), ans.ToPort)
-	return rules.Describe(cfg, q, datapath.Rule(ans.Rule), to), nil
+	to := netip.AddrPortFrom(datapath.AddrOf(ans.To), ans.ToPort)
+	return rules.Describe(cfg, q, datapath.Rule(ans.Rule), ans.Family, to), nil
 }
 
 // ifindex names one of the pod's interfaces by name ("lo" included).
@@ -124,18 +120,13 @@ func (r *Record) arrival(name string, dst netip.Addr) (uint32, error) {
 	if name != "" {
 		return r.ifindex(name)
 	}
+	d := dst.WithZone("").Unmap().String()
 	for _, ifc := range r.Ifaces {
-		if ifc.Primary == dst.String() {
+		if ifc.Primary == d || ifc.Primary6 == d || ifc.LL6 == d {
 			return uint32(ifc.Index), nil
 		}
 	}
 	return uint32(r.Ifaces[0].Index), nil
-}
-
-func addrOf(v uint32) netip.Addr {
-	var a [4]byte
-	binary.NativeEndian.PutUint32(a[:], v)
-	return netip.AddrFrom4(a)
 }
 
 // openPod opens the store, the pod's record and the datapath.

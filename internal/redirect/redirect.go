@@ -5,7 +5,6 @@ package redirect
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -17,6 +16,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/ebpf-redirect/ebpf-redirect/internal/cgroup"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/config"
@@ -74,13 +74,23 @@ var (
 	ErrNotAttached     = errors.New("not attached")
 )
 
-// sysctlAcceptLocal lets lo accept the replies the egress program sends back
-// in with a local source address (the 0x111 return path).
-const sysctlAcceptLocal = "net.ipv4.conf.lo.accept_local"
+// The pod's sysctls the return path needs (bpf/returnpath.c): a request
+// socket, and the socket accepted from it, take the SYN's mark (IPv4 and
+// IPv6), and a reply the kernel makes without a socket (a reset) the mark of
+// what it answers.
+const (
+	sysctlFwmarkAccept   = "net.ipv4.tcp_fwmark_accept"
+	sysctlFwmarkReflect  = "net.ipv4.fwmark_reflect"
+	sysctlFwmarkReflect6 = "net.ipv6.fwmark_reflect"
+)
 
-func ip4(a netip.Addr) uint32 {
-	b := a.As4()
-	return binary.NativeEndian.Uint32(b[:]) // network order in memory
+// sysctls are the ones attach sets, for the node's config.
+func sysctls(c config.Config) []string {
+	out := []string{sysctlFwmarkAccept, sysctlFwmarkReflect}
+	if c.IPv6 {
+		out = append(out, sysctlFwmarkReflect6)
+	}
+	return out
 }
 
 func (o Options) route() podnet.PolicyRoute {
@@ -228,20 +238,40 @@ func newRecord(o Options, r *resolved) *Record {
 		NetnsCookie: r.cookie, CgroupID: r.cg.ID, ProxyCgroupID: r.pcg.ID, AttachedAt: time.Now().UTC(),
 		Route: o.route(),
 	}
-	if r.info.PodIP.IsValid() {
-		rec.PodIP = r.info.PodIP.String()
-	}
+	rec.setPod(r.info)
 	for _, ifc := range r.info.Ifaces {
-		x := Iface{Index: ifc.Index, Name: ifc.Name}
-		if len(ifc.Addrs) > 0 {
-			x.Primary = ifc.Addrs[0].String()
-		}
-		rec.Ifaces = append(rec.Ifaces, x)
+		rec.Ifaces = append(rec.Ifaces, recordIface(ifc))
 	}
 	for _, a := range r.info.Local {
 		rec.Local = append(rec.Local, a.String())
 	}
 	return rec
+}
+
+// setPod records the pod's source addresses, as pods holds them.
+func (r *Record) setPod(info podnet.Info) {
+	r.PodIP, r.PodIP6, r.PodLL6, r.PodLLIndex = addrString(info.PodIP), addrString(info.PodIP6), addrString(info.PodLL6), info.PodLLIndex
+}
+
+func addrString(a netip.Addr) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
+}
+
+func firstString(as []netip.Addr) string {
+	if len(as) == 0 {
+		return ""
+	}
+	return as[0].String()
+}
+
+// recordIface is an interface as the record keeps it: where REDIRECT sends
+// what arrives on it.
+func recordIface(ifc podnet.Iface) Iface {
+	return Iface{Index: ifc.Index, Name: ifc.Name, Primary: firstString(ifc.Addrs),
+		Primary6: firstString(ifc.Global6), LL6: firstString(ifc.LinkLocal6)}
 }
 
 // attachment is one attach in progress. Each step records what it made
@@ -313,50 +343,98 @@ func (a *attachment) record() error {
 func (a *attachment) maps() error {
 	dp, rec, info := a.dp, a.rec, a.r.info
 	for _, ad := range info.Local {
-		if err := dp.LocalAddrs.Put(datapath.LocalKey{Netns: rec.NetnsCookie, Addr: ip4(ad)}, uint8(1)); err != nil {
-			return fmt.Errorf("local address map: %w", err)
+		if err := dp.LocalAddrs.Put(localKey(rec, ad), uint8(1)); err != nil {
+			return mapErr("local address", err, a.o.Config)
 		}
 	}
 	for _, ifc := range info.Ifaces {
-		if err := dp.Ifaces.Put(datapath.IfaceKey{Netns: rec.NetnsCookie, Ifindex: uint32(ifc.Index)}, ifaceInfo(ifc)); err != nil {
-			return fmt.Errorf("interface map: %w", err)
+		if err := dp.Ifaces.Put(ifaceKey(rec, ifc.Index), ifaceInfo(ifc)); err != nil {
+			return mapErr("interface", err, a.o.Config)
 		}
 	}
-	var pi datapath.PodInfo
-	if info.PodIP.IsValid() {
-		pi.PodIp = ip4(info.PodIP)
-	}
-	if err := dp.Pods.Put(rec.NetnsCookie, pi); err != nil {
-		return fmt.Errorf("pod map: %w", err)
+	if err := dp.Pods.Put(rec.NetnsCookie, podInfo(info)); err != nil {
+		return mapErr("pod", err, a.o.Config)
 	}
 	return nil
+}
+
+// mapErr names the map an entry did not fit in, and the flag that sizes it.
+func mapErr(what string, err error, c config.Config) error {
+	if errors.Is(err, unix.E2BIG) {
+		return fmt.Errorf("%s map is full (the node's maps hold %d pods: --max-pods): %w", what, c.MaxPods, err)
+	}
+	return fmt.Errorf("%s map: %w", what, err)
+}
+
+func localKey(r *Record, a netip.Addr) datapath.LocalKey {
+	return datapath.LocalKey{Netns: r.NetnsCookie, Addr: datapath.Addr(a)}
+}
+
+func ifaceKey(r *Record, index int) datapath.IfaceKey {
+	return datapath.IfaceKey{Netns: r.NetnsCookie, Ifindex: uint32(index)}
 }
 
 func ifaceInfo(ifc podnet.Iface) datapath.IfaceInfo {
 	var v datapath.IfaceInfo
 	if len(ifc.Addrs) > 0 {
-		v.PrimaryIp = ip4(ifc.Addrs[0])
+		v.Primary4 = datapath.IP4(ifc.Addrs[0])
+	}
+	if len(ifc.Global6) > 0 {
+		v.Primary6 = datapath.Addr(ifc.Global6[0])
+	}
+	if len(ifc.LinkLocal6) > 0 {
+		v.Ll6 = datapath.Addr(ifc.LinkLocal6[0])
 	}
 	return v
 }
 
-// route installs the policy route of the connection mark.
+func podInfo(info podnet.Info) datapath.PodInfo {
+	pi := datapath.PodInfo{Ip4: datapath.IP4(info.PodIP), LlIfindex: uint32(info.PodLLIndex)}
+	if info.PodIP6.IsValid() {
+		pi.Ip6 = datapath.Addr(info.PodIP6)
+	}
+	if info.PodLL6.IsValid() {
+		pi.Ll6 = datapath.Addr(info.PodLL6)
+	}
+	return pi
+}
+
+// route installs the policy route of the connection mark, for IPv6 too when
+// IPv6 is captured.
 func (a *attachment) route() (err error) {
-	a.rec.RuleCreated, a.rec.RouteCreated, err = a.rec.Route.Install(a.r.ns)
+	a.rec.RuleCreated, a.rec.RouteCreated, err = a.rec.Route.Install(a.r.ns, unix.AF_INET)
+	if err == nil {
+		err = a.s.put(a.rec)
+	}
+	if err != nil || !a.o.Config.IPv6 {
+		return err
+	}
+	a.rec.Rule6Created, a.rec.Route6Created, err = a.rec.Route.Install(a.r.ns, unix.AF_INET6)
 	if err != nil {
 		return err
 	}
 	return a.s.put(a.rec)
 }
 
-func (a *attachment) sysctl() (err error) {
-	if a.rec.AcceptLocal, err = podnet.SetSysctl(a.r.ns, sysctlAcceptLocal, "1"); err != nil {
-		return err
+// sysctl sets the return path's sysctls, recording each one's old value.
+func (a *attachment) sysctl() error {
+	if a.rec.Sysctls == nil {
+		a.rec.Sysctls = map[string]string{}
 	}
-	return a.s.put(a.rec)
+	for _, name := range sysctls(a.o.Config) {
+		old, err := podnet.SetSysctl(a.r.ns, name, "1")
+		if err != nil {
+			return err
+		}
+		a.rec.Sysctls[name] = old
+		if err := a.s.put(a.rec); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
-// tc attaches the tc programs on every interface, recording each.
+// tc attaches the tc programs on every interface, and on lo, recording each.
 func (a *attachment) tc() error {
 	dir := a.s.podDir(a.rec.ID)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -371,8 +449,15 @@ func (a *attachment) tc() error {
 			return err
 		}
 	}
-	return nil
+	lo, err := a.dp.Hooks(datapath.ScopeLo)
+	if err != nil {
+		return err
+	}
+	return attachIface(a.r.ns, a.o.TCMode, lo, Iface{Index: loIfindex, Name: "lo"}, dir, a.s, a.rec)
 }
+
+// loIfindex is lo's, in every network namespace.
+const loIfindex = 1
 
 // attachIface attaches every tc hook on one interface, recording each
 // attachment as soon as it exists.
@@ -381,7 +466,7 @@ func attachIface(ns netns.NsHandle, mode TCMode, hooks []datapath.Hook, ifc Ifac
 		mode = rec.TC[0].Mode // one pod, one kind of attachment
 	}
 	for _, h := range hooks {
-		at, err := attachTC(ns, mode, TCAttachment{Ifindex: ifc.Index, Iface: ifc.Name, Ingress: h.Attach == ebpf.AttachTCXIngress}, h.Program, dir)
+		at, err := attachTC(ns, mode, TCAttachment{Prog: h.Name, Ifindex: ifc.Index, Iface: ifc.Name, Ingress: h.Attach == ebpf.AttachTCXIngress}, h.Program, dir)
 		if err != nil {
 			return err
 		}
@@ -510,15 +595,20 @@ func deleteEntries(dp *datapath.Datapath, r *Record) error {
 	}
 	del(dp.Pods, r.NetnsCookie)
 	for _, ifc := range r.Ifaces {
-		del(dp.Ifaces, datapath.IfaceKey{Netns: r.NetnsCookie, Ifindex: uint32(ifc.Index)})
+		del(dp.Ifaces, ifaceKey(r, ifc.Index))
 	}
 	for _, s := range r.Local {
-		if a, err := netip.ParseAddr(s); err == nil {
-			del(dp.LocalAddrs, datapath.LocalKey{Netns: r.NetnsCookie, Addr: ip4(a)})
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("recorded address %q: %w", s, err))
+			continue
 		}
+		del(dp.LocalAddrs, localKey(r, a))
 	}
-	for rule := datapath.Rule(0); rule < datapath.RuleMax; rule++ {
-		del(dp.Counters, datapath.CounterKey{Netns: r.NetnsCookie, Rule: rule})
+	for _, fam := range datapath.Families {
+		for rule := datapath.Rule(0); rule < datapath.RuleMax; rule++ {
+			del(dp.Counters, datapath.CounterKey{Netns: r.NetnsCookie, Rule: rule, Family: fam})
+		}
 	}
 	for _, m := range []*ebpf.Map{dp.InFlows, dp.OutFlows} {
 		var k datapath.FlowKey
@@ -628,9 +718,10 @@ func openSameNetns(r *Record) netns.NsHandle {
 }
 
 func undoNetns(ns netns.NsHandle, r *Record) error {
-	err := r.Route.Remove(ns, r.RuleCreated, r.RouteCreated)
-	if r.AcceptLocal != "" {
-		if _, serr := podnet.SetSysctl(ns, sysctlAcceptLocal, r.AcceptLocal); serr != nil {
+	err := errors.Join(r.Route.Remove(ns, unix.AF_INET, r.RuleCreated, r.RouteCreated),
+		r.Route.Remove(ns, unix.AF_INET6, r.Rule6Created, r.Route6Created))
+	for name, old := range r.Sysctls {
+		if _, serr := podnet.SetSysctl(ns, name, old); serr != nil {
 			err = errors.Join(err, serr)
 		}
 	}

@@ -55,7 +55,7 @@ func refreshLocked(o Options, s *store, r *Record) (changed bool, err error) {
 			continue
 		}
 		changed = true
-		errs = append(errs, deleteKey(dp.Ifaces, datapath.IfaceKey{Netns: r.NetnsCookie, Ifindex: uint32(ifc.Index)}))
+		errs = append(errs, deleteKey(dp.Ifaces, ifaceKey(r, ifc.Index)))
 		var keepTC []TCAttachment
 		for _, a := range r.TC {
 			if a.Ifindex == ifc.Index {
@@ -70,29 +70,25 @@ func refreshLocked(o Options, s *store, r *Record) (changed bool, err error) {
 	if err := errors.Join(errs...); err != nil {
 		return changed, err
 	}
-	// Interfaces new, or whose primary address changed.
+	// Interfaces new, or whose addresses for REDIRECT changed.
 	tcHooks, err := dp.Hooks(datapath.ScopeTC)
 	if err != nil {
 		return changed, err
 	}
 	for _, ifc := range info.Ifaces {
-		primary := ""
-		if len(ifc.Addrs) > 0 {
-			primary = ifc.Addrs[0].String()
-		}
-		i := slices.IndexFunc(r.Ifaces, func(x Iface) bool { return x.Index == ifc.Index })
-		if i >= 0 && r.Ifaces[i].Primary == primary {
+		x := recordIface(ifc)
+		i := slices.IndexFunc(r.Ifaces, func(y Iface) bool { return y.Index == ifc.Index })
+		if i >= 0 && r.Ifaces[i] == x {
 			continue
 		}
 		changed = true
-		if err := dp.Ifaces.Put(datapath.IfaceKey{Netns: r.NetnsCookie, Ifindex: uint32(ifc.Index)}, ifaceInfo(ifc)); err != nil {
+		if err := dp.Ifaces.Put(ifaceKey(r, ifc.Index), ifaceInfo(ifc)); err != nil {
 			return changed, err
 		}
 		if i >= 0 {
-			r.Ifaces[i].Primary = primary
+			r.Ifaces[i] = x
 			continue
 		}
-		x := Iface{Index: ifc.Index, Name: ifc.Name, Primary: primary}
 		r.Ifaces = append(r.Ifaces, x)
 		if err := attachIface(ns, o.TCMode, tcHooks, x, dir, s, r); err != nil {
 			return changed, err
@@ -116,24 +112,27 @@ func refreshLocked(o Options, s *store, r *Record) (changed bool, err error) {
 		if err != nil {
 			return changed, fmt.Errorf("pod %s: recorded address %q: %w", r.ID, a, err)
 		}
-		if err := deleteKey(dp.LocalAddrs, datapath.LocalKey{Netns: r.NetnsCookie, Addr: ip4(ad)}); err != nil {
+		if err := deleteKey(dp.LocalAddrs, localKey(r, ad)); err != nil {
 			return changed, err
 		}
 	}
 	r.Local = keepLocal
 	for str, a := range want {
 		changed = true
-		if err := dp.LocalAddrs.Put(datapath.LocalKey{Netns: r.NetnsCookie, Addr: ip4(a)}, uint8(1)); err != nil {
+		if err := dp.LocalAddrs.Put(localKey(r, a), uint8(1)); err != nil {
 			return changed, err
 		}
 		r.Local = append(r.Local, str)
 	}
-	if info.PodIP.IsValid() && info.PodIP.String() != r.PodIP {
+	// The sources redirected sockets bind (an address gained later, DAD
+	// finished...).
+	before := *r
+	r.setPod(info)
+	if r.PodIP != before.PodIP || r.PodIP6 != before.PodIP6 || r.PodLL6 != before.PodLL6 || r.PodLLIndex != before.PodLLIndex {
 		changed = true
-		if err := dp.Pods.Put(r.NetnsCookie, datapath.PodInfo{PodIp: ip4(info.PodIP)}); err != nil {
+		if err := dp.Pods.Put(r.NetnsCookie, podInfo(info)); err != nil {
 			return changed, err
 		}
-		r.PodIP = info.PodIP.String()
 	}
 	return changed, nil
 }

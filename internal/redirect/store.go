@@ -69,22 +69,31 @@ type Record struct {
 	CgroupID      uint64             `json:"cgroup_id"`
 	ProxyCgroupID uint64             `json:"proxy_cgroup_id,omitempty"`
 	PodIP         string             `json:"pod_ip,omitempty"`
+	PodIP6        string             `json:"pod_ip6,omitempty"`
+	PodLL6        string             `json:"pod_ll6,omitempty"` // with PodLLIndex its scope
+	PodLLIndex    int                `json:"pod_ll_index,omitempty"`
 	Ifaces        []Iface            `json:"ifaces"`
 	Local         []string           `json:"local_addrs"`
 	Route         podnet.PolicyRoute `json:"route"`
 	RuleCreated   bool               `json:"rule_created"`
 	RouteCreated  bool               `json:"route_created"`
-	AcceptLocal   string             `json:"accept_local_before,omitempty"`
-	ProxyCounted  bool               `json:"proxy_counted,omitempty"`
-	TC            []TCAttachment     `json:"tc"`
-	AttachedAt    time.Time          `json:"attached_at"`
+	Rule6Created  bool               `json:"rule6_created,omitempty"`
+	Route6Created bool               `json:"route6_created,omitempty"`
+	// Sysctls are the values of the sysctls attach set, before it did.
+	Sysctls      map[string]string `json:"sysctls_before,omitempty"`
+	ProxyCounted bool              `json:"proxy_counted,omitempty"`
+	TC           []TCAttachment    `json:"tc"`
+	AttachedAt   time.Time         `json:"attached_at"`
 }
 
-// Iface is an interface the tc programs are attached to.
+// Iface is an interface the tc programs are attached to, and the addresses
+// REDIRECT sends its inbound connections to.
 type Iface struct {
-	Index   int    `json:"index"`
-	Name    string `json:"name"`
-	Primary string `json:"primary,omitempty"`
+	Index    int    `json:"index"`
+	Name     string `json:"name"`
+	Primary  string `json:"primary,omitempty"`
+	Primary6 string `json:"primary6,omitempty"`
+	LL6      string `json:"ll6,omitempty"`
 }
 
 const (

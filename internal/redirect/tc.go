@@ -43,6 +43,7 @@ func ParseTCMode(s string) (TCMode, error) {
 // health checks and upgrades.
 type TCAttachment struct {
 	Mode    TCMode `json:"mode"`
+	Prog    string `json:"prog"` // the hook's program
 	Ifindex int    `json:"ifindex"`
 	Iface   string `json:"iface"`
 	Ingress bool   `json:"ingress"`
@@ -62,7 +63,7 @@ func (a TCAttachment) dir() string {
 
 // pin is where a tcx attachment's link is pinned in the pod's directory.
 func (a TCAttachment) pin(podDir string) string {
-	return filepath.Join(podDir, fmt.Sprintf("tcx_%s_%d", a.dir(), a.Ifindex))
+	return filepath.Join(podDir, fmt.Sprintf("tcx_%s_%d", a.Prog, a.Ifindex))
 }
 
 // Legacy filters take this priority and handle; one of ours per interface and

@@ -99,17 +99,19 @@ func (sw *swapper) all(ctx context.Context, s *store, nd *datapath.Datapath, rec
 	if err != nil {
 		return err
 	}
-	tcHooks, err := nd.Hooks(datapath.ScopeTC)
-	if err != nil {
-		return err
-	}
 	proxyHooks, err := nd.Hooks(datapath.ScopeProxy)
 	if err != nil {
 		return err
 	}
-	tcProg := map[bool]*ebpf.Program{}
-	for _, h := range tcHooks {
-		tcProg[h.Attach == ebpf.AttachTCXIngress] = h.Program
+	tcProg := map[string]*ebpf.Program{}
+	for _, scope := range []string{datapath.ScopeTC, datapath.ScopeLo} {
+		hooks, err := nd.Hooks(scope)
+		if err != nil {
+			return err
+		}
+		for _, h := range hooks {
+			tcProg[h.Name] = h.Program
+		}
 	}
 	for _, r := range recs {
 		if err := ctx.Err(); err != nil {
@@ -167,14 +169,18 @@ func (sw *swapper) link(path string, prog *ebpf.Program) error {
 // tc updates the tc attachments of one pod. Legacy filters are replaced
 // through the netns, and only if the record's path still names the pod's
 // namespace (by cookie): a filter in another namespace is never touched.
-func (sw *swapper) tc(r *Record, dir string, prog map[bool]*ebpf.Program) error {
+func (sw *swapper) tc(r *Record, dir string, prog map[string]*ebpf.Program) error {
 	ns := openSameNetns(r)
 	if ns >= 0 {
 		defer ns.Close()
 	}
 	for _, a := range r.TC {
+		p := prog[a.Prog]
+		if p == nil {
+			return fmt.Errorf("the new programs have no %s for the %s attachment on %s", a.Prog, a.dir(), a.Iface)
+		}
 		if a.Mode == TCX {
-			if err := sw.link(a.pin(dir), prog[a.Ingress]); err != nil {
+			if err := sw.link(a.pin(dir), p); err != nil {
 				return err
 			}
 			continue
@@ -194,7 +200,7 @@ func (sw *swapper) tc(r *Record, dir string, prog map[bool]*ebpf.Program) error 
 		}
 		if err == nil {
 			sw.old = append(sw.old, old)
-			err = h.FilterReplace(a.filter(prog[a.Ingress]))
+			err = h.FilterReplace(a.filter(p))
 		}
 		h.Close()
 		if err != nil {

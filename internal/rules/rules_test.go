@@ -9,16 +9,17 @@ import (
 	"testing"
 
 	"github.com/ebpf-redirect/ebpf-redirect/internal/config"
+	"github.com/ebpf-redirect/ebpf-redirect/internal/datapath"
 	"github.com/ebpf-redirect/ebpf-redirect/internal/lab/reference"
 )
 
-// referenceLines indexes the -A lines of the embedded ruleset as
+// referenceLines indexes the -A lines of an embedded ruleset as
 // "table CHAIN n".
-func referenceLines(t *testing.T) map[string]string {
+func referenceLines(t *testing.T, file string) map[string]string {
 	out := map[string]string{}
 	table := ""
 	n := map[string]int{}
-	sc := bufio.NewScanner(bytes.NewReader(reference.Rules))
+	sc := bufio.NewScanner(bytes.NewReader(reference.File(file)))
 	for sc.Scan() {
 		line := strings.TrimSpace(sc.Text())
 		switch {
@@ -36,10 +37,16 @@ func referenceLines(t *testing.T) map[string]string {
 	return out
 }
 
-// With the default config, every rule renders as the reference's own line.
+// With the default config, every rule renders as the reference's own line,
+// of both families' rulesets.
 func TestDefaultRendersTheReference(t *testing.T) {
-	lines := referenceLines(t)
-	for _, i := range All(config.Default()) {
+	files := map[string]map[string]string{IPv4: referenceLines(t, "inpod-rules.v4"), IPv6: referenceLines(t, "inpod-rules.v6")}
+	all := All(config.Default())
+	if len(all) != 2*int(datapath.RuleMax-1) {
+		t.Errorf("%d rules rendered, want every rule of both families", len(all))
+	}
+	for _, i := range all {
+		lines := files[i.Family]
 		if i.Name == "" || i.Text == "" {
 			t.Errorf("rule %v has no name or text: %+v", i.Rule, i)
 		}
@@ -59,6 +66,7 @@ func TestRendersTheLiveConfig(t *testing.T) {
 	c.OutboundPort, c.InboundPort, c.HBONEPort = 25001, 25006, 25008
 	c.ProxyMark, c.ConnMark, c.MarkMask = 0x7a50, 0x2220, 0xfff0
 	c.ProbeAddr = netip.MustParseAddr("169.254.9.9")
+	c.IPv6 = false
 	for name, want := range map[string][]string{
 		"out-probe":        {"-d 169.254.9.9/32"},
 		"out-connmark":     {"--mark 0x2220/0xfff0"},
@@ -71,6 +79,9 @@ func TestRendersTheLiveConfig(t *testing.T) {
 		var got string
 		for _, i := range All(c) {
 			if i.Name == name {
+				if i.Family != IPv4 {
+					t.Errorf("%s rendered for %s with IPv6 off", name, i.Family)
+				}
 				got = i.Text
 			}
 		}

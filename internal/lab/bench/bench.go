@@ -42,16 +42,21 @@ type workload struct {
 	Dir         string
 	Pressure    bool
 	Description string
+	V6          bool // over IPv6 (the pods are dual-stack, both rulesets apply)
 }
 
 var workloads = []workload{
-	{"conn-out", KindConn, dirOut, false, "short connections pod → R: connect, one request/response, close"},
-	{"conn-in", KindConn, dirIn, false, "short connections R → pod application (through 15006)"},
-	{"rr-out", KindRR, dirOut, false, "request/response latency on persistent connections pod → R"},
-	{"rr-in", KindRR, dirIn, false, "request/response latency on persistent connections R → pod"},
-	{"bulk-out", KindBulk, dirOut, false, "bulk throughput pod → R through a redirected connection"},
-	{"bulk-in", KindBulk, dirIn, false, "bulk throughput R → pod through a redirected connection"},
-	{"conntrack-out", KindConn, dirOut, true, "conn-out with a small nf_conntrack_max: the table fills"},
+	{"conn-out", KindConn, dirOut, false, "short connections pod → R: connect, one request/response, close", false},
+	{"conn-in", KindConn, dirIn, false, "short connections R → pod application (through 15006)", false},
+	{"rr-out", KindRR, dirOut, false, "request/response latency on persistent connections pod → R", false},
+	{"rr-in", KindRR, dirIn, false, "request/response latency on persistent connections R → pod", false},
+	{"bulk-out", KindBulk, dirOut, false, "bulk throughput pod → R through a redirected connection", false},
+	{"bulk-in", KindBulk, dirIn, false, "bulk throughput R → pod through a redirected connection", false},
+	{"conn-out6", KindConn, dirOut, false, "conn-out over IPv6", true},
+	{"conn-in6", KindConn, dirIn, false, "conn-in over IPv6", true},
+	{"rr-out6", KindRR, dirOut, false, "rr-out over IPv6", true},
+	{"rr-in6", KindRR, dirIn, false, "rr-in over IPv6", true},
+	{"conntrack-out", KindConn, dirOut, true, "conn-out with a small nf_conntrack_max: the table fills", false},
 }
 
 // WorkloadNames lists the workloads in the order they run.
@@ -377,7 +382,7 @@ func (b *bencher) logf(format string, args ...any) {
 }
 
 func (b *bencher) spec(w workload, bp *benchPod) RunSpec {
-	s := RunSpec{Kind: w.Kind, Target: bp.target(w.Dir), Size: b.o.MsgSize,
+	s := RunSpec{Kind: w.Kind, Target: bp.target(w.Dir, w.V6), Size: b.o.MsgSize,
 		TimeoutMS: int(b.o.Timeout.Milliseconds()), Pin: !b.o.NoPin}
 	switch w.Kind {
 	case KindConn:

@@ -105,8 +105,8 @@ var errShort = errors.New("connection closed before the reply")
 // little more than the system calls themselves, and its CPU is read per thread.
 func runGenerator(s RunSpec) (*RunResult, error) {
 	ap, err := netip.ParseAddrPort(s.Target)
-	if err != nil || !ap.Addr().Is4() {
-		return nil, fmt.Errorf("target %q: want an IPv4 ip:port", s.Target)
+	if err != nil {
+		return nil, fmt.Errorf("target %q: want ip:port: %w", s.Target, err)
 	}
 	if s.Workers <= 0 || s.DurationMS <= 0 || s.Size < 0 || s.Size > maxSize {
 		return nil, fmt.Errorf("bad run spec %+v", s)
@@ -119,7 +119,10 @@ func runGenerator(s RunSpec) (*RunResult, error) {
 	if s.TimeoutMS <= 0 {
 		s.TimeoutMS = 3000
 	}
-	sa := &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	var sa unix.Sockaddr = &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+	if ap.Addr().Is4() {
+		sa = &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	}
 	var cpus []int
 	if s.Pin {
 		var set unix.CPUSet
@@ -202,8 +205,12 @@ func runGenerator(s RunSpec) (*RunResult, error) {
 }
 
 // dial makes a blocking socket with timeouts and connects it.
-func dial(sa *unix.SockaddrInet4, timeoutMS int, nodelay bool) (int, error) {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+func dial(sa unix.Sockaddr, timeoutMS int, nodelay bool) (int, error) {
+	family := unix.AF_INET
+	if _, v6 := sa.(*unix.SockaddrInet6); v6 {
+		family = unix.AF_INET6
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return -1, err
 	}
@@ -226,7 +233,7 @@ func dial(sa *unix.SockaddrInet4, timeoutMS int, nodelay bool) (int, error) {
 
 // connect is a blocking connect that survives a signal: an interrupted connect goes
 // on in the background, so wait for it.
-func connect(fd int, sa *unix.SockaddrInet4, timeoutMS int) error {
+func connect(fd int, sa unix.Sockaddr, timeoutMS int) error {
 	err := unix.Connect(fd, sa)
 	if errors.Is(err, unix.EINTR) {
 		err = standin.WaitConnected(fd, time.Duration(timeoutMS)*time.Millisecond)
@@ -257,7 +264,7 @@ func readFull(fd int, b []byte) error { return full(unix.Read, fd, b) }
 
 // connLoop: connect, send the header and one request in one write, read the reply,
 // close; again until the deadline.
-func connLoop(w *worker, sa *unix.SockaddrInet4, s RunSpec, deadline time.Time) {
+func connLoop(w *worker, sa unix.Sockaddr, s RunSpec, deadline time.Time) {
 	msg := append(header(modeRR, s.Size), make([]byte, s.Size)...)
 	reply := make([]byte, max(s.Size, 1))[:s.Size]
 	for {
@@ -287,7 +294,7 @@ func connLoop(w *worker, sa *unix.SockaddrInet4, s RunSpec, deadline time.Time) 
 }
 
 // rrLoop: one connection, exchanges back to back until the deadline.
-func rrLoop(w *worker, sa *unix.SockaddrInet4, s RunSpec, deadline time.Time) {
+func rrLoop(w *worker, sa unix.Sockaddr, s RunSpec, deadline time.Time) {
 	msg := make([]byte, max(s.Size, 1))[:s.Size]
 	reply := make([]byte, max(s.Size, 1))[:s.Size]
 	for time.Now().Before(deadline) {
@@ -321,7 +328,7 @@ func rrLoop(w *worker, sa *unix.SockaddrInet4, s RunSpec, deadline time.Time) {
 }
 
 // bulkLoop: stream writes until the deadline, half-close, read the server's count.
-func bulkLoop(w *worker, sa *unix.SockaddrInet4, s RunSpec, deadline time.Time) {
+func bulkLoop(w *worker, sa unix.Sockaddr, s RunSpec, deadline time.Time) {
 	fd, err := dial(sa, s.TimeoutMS, false)
 	if err != nil {
 		w.fail(err)

@@ -107,7 +107,7 @@ func newBenchPod(ctx context.Context, run *topology.Run, backend string, capture
 	if bp.peer, err = start(pod.PeerNetNSPath(), pod.PeerCgroup); err != nil {
 		return bp, err
 	}
-	srv := serveSpec{Addr: fmt.Sprintf("0.0.0.0:%d", serverPort)}
+	srv := serveSpec{Addr: fmt.Sprintf("[::]:%d", serverPort)} // dual-stack
 	if err := call(ctx, bp.peer, opServe, srv, nil); err != nil {
 		return bp, err
 	}
@@ -115,9 +115,11 @@ func newBenchPod(ctx context.Context, run *topology.Run, backend string, capture
 		return bp, err
 	}
 	ps := proxySpec{
-		OutboundFallback: hostPort(topology.PeerIP, serverPort),
-		InboundFallback:  hostPort(topology.PodIP, serverPort),
-		Transparent:      backend != None,
+		OutboundFallback:  hostPort(topology.PeerIP, serverPort),
+		InboundFallback:   hostPort(topology.PodIP, serverPort),
+		OutboundFallback6: hostPort(topology.PeerIP6, serverPort),
+		InboundFallback6:  hostPort(topology.PodIP6, serverPort),
+		Transparent:       backend != None,
 	}
 	if err := call(ctx, bp.proxy, opProxy, ps, nil); err != nil {
 		return bp, err
@@ -198,16 +200,20 @@ func call(ctx context.Context, a *standin.Agent, op string, args, out any) error
 
 // target is where a generator connects for a direction under this backend: the
 // original destination (captured), or the proxy's listener itself (none).
-func (bp *benchPod) target(dir string) string {
+func (bp *benchPod) target(dir string, v6 bool) string {
+	lo, peer, pod := net.IPv4(127, 0, 0, 1), topology.PeerIP, topology.PodIP
+	if v6 {
+		lo, peer, pod = net.IPv6loopback, topology.PeerIP6, topology.PodIP6
+	}
 	switch {
 	case dir == dirOut && bp.backend == None:
-		return hostPort(net.IPv4(127, 0, 0, 1), standin.PortOutbound)
+		return hostPort(lo, standin.PortOutbound)
 	case dir == dirOut, dir == dirDirect:
-		return hostPort(topology.PeerIP, serverPort)
+		return hostPort(peer, serverPort)
 	case bp.backend == None:
-		return hostPort(topology.PodIP, standin.PortInbound)
+		return hostPort(pod, standin.PortInbound)
 	default:
-		return hostPort(topology.PodIP, serverPort)
+		return hostPort(pod, serverPort)
 	}
 }
 

@@ -25,8 +25,10 @@ import (
 type proxySpec struct {
 	// Upstreams used when SO_ORIGINAL_DST has no answer: the "none" backend, where
 	// the client connects to the proxy's listener itself.
-	OutboundFallback string `json:"outbound_fallback"`
-	InboundFallback  string `json:"inbound_fallback"`
+	OutboundFallback  string `json:"outbound_fallback"`
+	InboundFallback   string `json:"inbound_fallback"`
+	OutboundFallback6 string `json:"outbound_fallback6"` // for IPv6 clients
+	InboundFallback6  string `json:"inbound_fallback6"`
 	// Transparent makes inbound upstream connections use the client's address as
 	// source, as the real proxy does; the replies then need the capture's return path
 	// (0x111), so "none" turns it off.
@@ -43,16 +45,17 @@ type ProxyStats struct {
 }
 
 type proxy struct {
-	spec     proxySpec
-	fallback map[int]string
-	log      *slog.Logger
-	lns      []net.Listener
+	spec      proxySpec
+	fallback  map[int]string
+	fallback6 map[int]string
+	log       *slog.Logger
+	lns       []net.Listener
 
 	accepted, origDst, fallbackN, dialFailed, inFlight atomic.Int64
 }
 
 func markControl(transparent bool) func(string, string, syscall.RawConn) error {
-	return func(_, _ string, rc syscall.RawConn) error {
+	return func(network, _ string, rc syscall.RawConn) error {
 		var serr error
 		err := rc.Control(func(fd uintptr) {
 			s := int(fd)
@@ -60,10 +63,14 @@ func markControl(transparent bool) func(string, string, syscall.RawConn) error {
 				return
 			}
 			if transparent {
-				if serr = unix.SetsockoptInt(s, unix.SOL_IP, unix.IP_TRANSPARENT, 1); serr != nil {
+				level, opt, free := unix.SOL_IP, unix.IP_TRANSPARENT, unix.IP_FREEBIND
+				if network == "tcp6" {
+					level, opt, free = unix.SOL_IPV6, unix.IPV6_TRANSPARENT, unix.IPV6_FREEBIND
+				}
+				if serr = unix.SetsockoptInt(s, level, opt, 1); serr != nil {
 					return
 				}
-				if serr = unix.SetsockoptInt(s, unix.SOL_IP, unix.IP_FREEBIND, 1); serr != nil {
+				if serr = unix.SetsockoptInt(s, level, free, 1); serr != nil {
 					return
 				}
 				// The port is picked at connect, against the full 4-tuple, so the
@@ -82,6 +89,9 @@ func startProxy(spec proxySpec, log *slog.Logger) (*proxy, error) {
 	p := &proxy{spec: spec, log: log, fallback: map[int]string{
 		standin.PortOutbound: spec.OutboundFallback,
 		standin.PortInbound:  spec.InboundFallback,
+	}, fallback6: map[int]string{
+		standin.PortOutbound: spec.OutboundFallback6,
+		standin.PortInbound:  spec.InboundFallback6,
 	}}
 	for _, port := range []int{standin.PortOutbound, standin.PortInbound} {
 		ln, err := standin.ProxyListen(context.Background(), fmt.Sprintf("[::]:%d", port))
@@ -140,6 +150,9 @@ func (p *proxy) handle(c *net.TCPConn, port int) {
 	} else {
 		p.fallbackN.Add(1)
 		target = p.fallback[port]
+		if l := c.LocalAddr().(*net.TCPAddr).AddrPort().Addr(); l.Is6() && !l.Is4In6() {
+			target = p.fallback6[port]
+		}
 	}
 	d := net.Dialer{Timeout: 3 * time.Second}
 	transparent := port == standin.PortInbound && p.spec.Transparent
@@ -148,7 +161,7 @@ func (p *proxy) handle(c *net.TCPConn, port int) {
 		d.LocalAddr = &net.TCPAddr{IP: peer.AsSlice()}
 	}
 	d.Control = markControl(transparent)
-	up, err := d.Dial("tcp4", target)
+	up, err := d.Dial("tcp", target)
 	if err != nil {
 		p.dialFailed.Add(1)
 		return
@@ -184,6 +197,11 @@ func originalDst(c *net.TCPConn) (netip.AddrPort, bool) {
 		return netip.AddrPort{}, false
 	}
 	var dst netip.AddrPort
-	_ = rc.Control(func(fd uintptr) { dst, err = standin.OriginalDst(int(fd)) })
+	_ = rc.Control(func(fd uintptr) {
+		// As the real proxy: the IPv4 option, then the IPv6 one.
+		if dst, err = standin.OriginalDst(int(fd)); err != nil {
+			dst, err = standin.OriginalDst6(int(fd))
+		}
+	})
 	return netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port()), err == nil && dst.IsValid()
 }

@@ -55,7 +55,7 @@ type server struct {
 }
 
 func startServer(addr string, log *slog.Logger) (*server, error) {
-	ln, err := net.Listen("tcp4", addr)
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, err
 	}

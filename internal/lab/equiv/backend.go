@@ -34,43 +34,85 @@ type Backend interface {
 	Remove(ctx context.Context, run *topology.Run, pod *topology.Pod) error
 }
 
-// Iptables is the reference: the in-pod ruleset loaded with iptables-restore and the
-// policy route script, both run inside the pod's netns.
+// Iptables is the reference: the in-pod rulesets (IPv4 and its IPv6 twin, as a
+// default Istio installation writes both) loaded with iptables-restore and
+// ip6tables-restore, and the policy route scripts, all run inside the pod's netns.
 type Iptables struct {
-	Rules  []byte
-	Routes []byte
+	Rules   []byte // inpod-rules.v4
+	Rules6  []byte // inpod-rules.v6; nil: IPv4 only
+	Routes  []byte // inpod-routes.sh
+	Routes6 []byte // inpod-routes6.sh
+	// Label, if set, is the backend's name in records ("iptables" otherwise).
+	Label string
 }
 
-// NewIptables reads inpod-rules.v4 and inpod-routes.sh from dir, or uses the embedded
-// copy when dir is "".
+// Reference file names of one variant of the rulesets: "" is the plain one
+// (inpod-rules.v4/.v6), others ("dns", "bypass-inbound"...) inpod-rules-<variant>.
+func rulesFiles(variant string) (v4, v6 string) {
+	if variant == "" {
+		return "inpod-rules.v4", "inpod-rules.v6"
+	}
+	return "inpod-rules-" + variant + ".v4", "inpod-rules-" + variant + ".v6"
+}
+
+// NewIptables reads the plain rulesets and the routes from dir, or uses the
+// embedded copy when dir is "".
 func NewIptables(dir string) (*Iptables, error) {
-	if dir == "" {
-		return &Iptables{Rules: reference.Rules, Routes: reference.Routes}, nil
-	}
-	rules, err := os.ReadFile(filepath.Join(dir, "inpod-rules.v4"))
-	if err != nil {
-		return nil, err
-	}
-	routes, err := os.ReadFile(filepath.Join(dir, "inpod-routes.sh"))
-	if err != nil {
-		return nil, err
-	}
-	return &Iptables{Rules: rules, Routes: routes}, nil
+	return NewIptablesVariant(dir, "")
 }
 
-func (b *Iptables) Name() string { return "iptables" }
+// NewIptablesVariant reads one variant of the rulesets (see rulesFiles).
+func NewIptablesVariant(dir, variant string) (*Iptables, error) {
+	v4, v6 := rulesFiles(variant)
+	read := func(name string) ([]byte, error) {
+		if dir == "" {
+			return reference.File(name), nil
+		}
+		return os.ReadFile(filepath.Join(dir, name))
+	}
+	b := &Iptables{}
+	for _, f := range []struct {
+		name string
+		to   *[]byte
+	}{{v4, &b.Rules}, {v6, &b.Rules6}, {"inpod-routes.sh", &b.Routes}, {"inpod-routes6.sh", &b.Routes6}} {
+		data, err := read(f.name)
+		if err != nil {
+			return nil, err
+		}
+		*f.to = data
+	}
+	return b, nil
+}
+
+func (b *Iptables) Name() string {
+	if b.Label != "" {
+		return b.Label
+	}
+	return "iptables"
+}
 
 func (b *Iptables) Apply(ctx context.Context, _ *topology.Run, pod *topology.Pod) error {
 	if err := runIn(ctx, b.Rules, "ip", "netns", "exec", pod.NetNS, "iptables-restore"); err != nil {
 		return err
 	}
-	return runIn(ctx, b.Routes, "ip", "netns", "exec", pod.NetNS, "sh", "-s")
+	if b.Rules6 != nil {
+		if err := runIn(ctx, b.Rules6, "ip", "netns", "exec", pod.NetNS, "ip6tables-restore"); err != nil {
+			return err
+		}
+	}
+	if err := runIn(ctx, b.Routes, "ip", "netns", "exec", pod.NetNS, "sh", "-s"); err != nil {
+		return err
+	}
+	if b.Rules6 != nil {
+		return runIn(ctx, b.Routes6, "ip", "netns", "exec", pod.NetNS, "sh", "-s")
+	}
+	return nil
 }
 
 // Remove takes the reference out of the pod's netns as a node agent un-enrolling the
-// pod does: every rule the ruleset appended is deleted one by one, then its own
+// pod does: every rule the rulesets appended is deleted one by one, then their own
 // chains; the built-in chains stay. Each "ip rule add"/"ip route add" of the routes
-// script becomes a "del". Established connections keep their conntrack entries and so
+// scripts becomes a "del". Established connections keep their conntrack entries and so
 // their NAT. (Flushing whole tables instead was seen, with iptables-nft, to stop the
 // translation of established connections: their next segments went to the original
 // destination untranslated.) Removing twice is harmless.
@@ -79,9 +121,19 @@ func (b *Iptables) Remove(ctx context.Context, _ *topology.Run, pod *topology.Po
 		return nil // the netns is gone, and the rules with it
 	}
 	var undo strings.Builder
+	undoRules(&undo, "iptables", b.Rules)
+	undoRoutes(&undo, b.Routes)
+	if b.Rules6 != nil {
+		undoRules(&undo, "ip6tables", b.Rules6)
+		undoRoutes(&undo, b.Routes6)
+	}
+	return runIn(ctx, []byte(undo.String()), "ip", "netns", "exec", pod.NetNS, "sh", "-s")
+}
+
+func undoRules(undo *strings.Builder, tool string, rules []byte) {
 	table := ""
 	var chains []string
-	for _, line := range strings.Split(string(b.Rules), "\n") {
+	for _, line := range strings.Split(string(rules), "\n") {
 		line = strings.TrimSpace(line)
 		switch {
 		case strings.HasPrefix(line, "*"):
@@ -90,22 +142,24 @@ func (b *Iptables) Remove(ctx context.Context, _ *topology.Run, pod *topology.Po
 			chains = append(chains, fmt.Sprintf("-t %s -X %s", table, strings.Fields(line[1:])[0]))
 		case strings.HasPrefix(line, "-A "):
 			// Best effort: already removed is fine.
-			fmt.Fprintf(&undo, "iptables -w -t %s -D %s 2>/dev/null || true\n", table, line[3:])
+			fmt.Fprintf(undo, "%s -w -t %s -D %s 2>/dev/null || true\n", tool, table, line[3:])
 		}
 	}
 	for _, c := range chains {
-		fmt.Fprintf(&undo, "iptables -w %s 2>/dev/null || true\n", c)
+		fmt.Fprintf(undo, "%s -w %s 2>/dev/null || true\n", tool, c)
 	}
-	for _, line := range strings.Split(string(b.Routes), "\n") {
+}
+
+func undoRoutes(undo *strings.Builder, routes []byte) {
+	for _, line := range strings.Split(string(routes), "\n") {
 		line = strings.TrimSpace(line)
-		for _, obj := range []string{"ip rule add ", "ip route add "} {
+		for _, obj := range []string{"ip rule add ", "ip route add ", "ip -6 rule add ", "ip -6 route add "} {
 			if rest, ok := strings.CutPrefix(line, obj); ok {
 				// Best effort: already removed is fine.
-				fmt.Fprintf(&undo, "%s %s 2>/dev/null || true\n", strings.Replace(obj, " add ", " del", 1), rest)
+				fmt.Fprintf(undo, "%s %s 2>/dev/null || true\n", strings.Replace(obj, " add ", " del", 1), rest)
 			}
 		}
 	}
-	return runIn(ctx, []byte(undo.String()), "ip", "netns", "exec", pod.NetNS, "sh", "-s")
 }
 
 // Reconciler is a backend that must be told when a pod's interfaces or addresses

@@ -147,7 +147,7 @@ func inbound(name, desc string, d standin.DialSpec, expect string) Case {
 
 const mib = 1 << 20
 
-// Cases is the suite, in the order it runs.
+// Cases is the IPv4 suite, in the order it runs (Cases6 follows it).
 func Cases() []Case {
 	viaProxyToPeer80 := "proxy:15001>peer:80"
 	viaProxyToApp := "proxy:15006>app:8080"
@@ -337,9 +337,12 @@ func Cases() []Case {
 	return cs
 }
 
+// AllCases are the IPv4 cases and their IPv6 twins and companions.
+func AllCases() []Case { return append(Cases(), Cases6()...) }
+
 // CaseByName finds a case of the suite.
 func CaseByName(name string) (Case, bool) {
-	for _, c := range Cases() {
+	for _, c := range AllCases() {
 		if c.Name == name {
 			return c, true
 		}

@@ -127,7 +127,7 @@ func RunDemo(w io.Writer, opts DemoOptions) (err error) {
 
 func selectCases(names []string) ([]Case, error) {
 	if len(names) == 0 {
-		return Cases(), nil
+		return AllCases(), nil
 	}
 	var out []Case
 	for _, n := range names {

@@ -94,8 +94,9 @@ func (r *Record) Trivial() error {
 	return nil
 }
 
-// addrRE finds socket addresses in a record's text: a.b.c.d:port and [v6]:port.
-var addrRE = regexp.MustCompile(`(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):(\d{1,5})\b`)
+// addrRE finds socket addresses in a record's text: a.b.c.d:port, [v6]:port and
+// [v6%zone]:port.
+var addrRE = regexp.MustCompile(`(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9]+)?\]):(\d{1,5})\b`)
 
 // maskPorts replaces every non-fixed port with "*": the key events are sorted by, so
 // that the order does not depend on the ephemeral ports a run happened to get.
@@ -135,6 +136,9 @@ func Normalize(lines []string, fixed map[uint16]bool) []string {
 func proxyLine(p standin.ProxyEvent) string {
 	s := fmt.Sprintf("proxy %d: orig=%s from=%s local=%s peer=%s action=%s",
 		p.Listener, p.OrigDst, p.OrigDstFrom, p.Local, p.Peer, p.Action)
+	if p.OrigDstAnswers != "" {
+		s += " answers: " + p.OrigDstAnswers
+	}
 	if p.UpLocal != "" || p.UpPeer != "" {
 		s += fmt.Sprintf(" up=%s->%s", p.UpLocal, p.UpPeer)
 	}

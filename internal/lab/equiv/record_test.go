@@ -158,7 +158,7 @@ func TestDiffMarksRemovedAndAdded(t *testing.T) {
 }
 
 func TestCasesAreWellFormed(t *testing.T) {
-	cs := Cases()
+	cs := AllCases()
 	if len(cs) < 28 {
 		t.Fatalf("only %d cases", len(cs))
 	}

@@ -276,10 +276,14 @@ func (a *agent) listen(spec ListenSpec) (string, error) {
 	}
 	switch spec.Proto {
 	case "tcp", "":
-		// An IPv4 address gets an AF_INET socket; "[::]:p" Go makes dual-stack.
+		// An IPv4 address gets an AF_INET socket; "[::]:p" Go makes
+		// dual-stack, "tcp6" IPv6 only.
 		network := "tcp"
-		if ap.Addr().Is4() {
+		switch {
+		case ap.Addr().Is4():
 			network = "tcp4"
+		case spec.V6Only || !ap.Addr().IsUnspecified():
+			network = "tcp6"
 		}
 		l, err := net.Listen(network, spec.Addr)
 		if err != nil {

@@ -44,6 +44,7 @@ func dial(spec DialSpec) DialResult {
 	o := connectOpts{
 		sotype: sotype, dst: dst, src: src, mark: spec.Mark, timeout: timeout,
 		method: spec.Method, device: spec.Device, mptcp: spec.MPTCP, reuseAddr: spec.ReuseAddr,
+		transparent: spec.Transparent,
 	}
 	if spec.Method == MethodTFOSendto || spec.Method == MethodTFOConnect {
 		o.first = []byte(header) // the request line goes with the connect
@@ -156,20 +157,29 @@ func exchangeTCP(c *net.TCPConn, spec DialSpec, header string, res *DialResult) 
 	}
 }
 
-// serveUDP answers datagrams as server `name`. IP_PKTINFO tells which local address a
-// datagram was sent to, and the reply is sent from that same address.
+// serveUDP answers datagrams as server `name`. IP_PKTINFO (IPV6_RECVPKTINFO) tells
+// which local address a datagram was sent to, and the reply is sent from that same
+// address.
 func (a *agent) serveUDP(addr, name string) (string, error) {
+	network := "udp4"
+	if ap, err := netip.ParseAddrPort(addr); err == nil && !ap.Addr().Is4() {
+		network = "udp6"
+	}
 	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
 		var serr error
 		err := rc.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_PKTINFO, 1)
+			if network == "udp4" {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_PKTINFO, 1)
+			} else {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_RECVPKTINFO, 1)
+			}
 		})
 		if err != nil {
 			return err
 		}
 		return serr
 	}}
-	pc, err := lc.ListenPacket(context.Background(), "udp4", addr)
+	pc, err := lc.ListenPacket(context.Background(), network, addr)
 	if err != nil {
 		return "", err
 	}
@@ -204,8 +214,11 @@ func (a *agent) serveUDP(addr, name string) (string, error) {
 			a.addServerEvent(ev)
 			reply := fmt.Sprintf("%s %s %s 0\n", replyLinePrefix, name, token)
 			var roob []byte
-			if dst.IsValid() {
+			switch {
+			case dst.Is4():
 				roob = unix.PktInfo4(&unix.Inet4Pktinfo{Spec_dst: dst.As4()})
+			case dst.IsValid():
+				roob = unix.PktInfo6(&unix.Inet6Pktinfo{Addr: dst.As16()})
 			}
 			if _, _, err := uc.WriteMsgUDPAddrPort([]byte(reply), roob, from); err != nil {
 				a.log.Warn("udp reply", "err", err)
@@ -226,6 +239,11 @@ func pktinfoDst(oob []byte) netip.Addr {
 			len(m.Data) >= int(unsafe.Sizeof(unix.Inet4Pktinfo{})) {
 			info := (*unix.Inet4Pktinfo)(unsafe.Pointer(&m.Data[0]))
 			return netip.AddrFrom4(info.Addr)
+		}
+		if m.Header.Level == unix.SOL_IPV6 && m.Header.Type == unix.IPV6_PKTINFO &&
+			len(m.Data) >= int(unsafe.Sizeof(unix.Inet6Pktinfo{})) {
+			info := (*unix.Inet6Pktinfo)(unsafe.Pointer(&m.Data[0]))
+			return netip.AddrFrom16(info.Addr)
 		}
 	}
 	return netip.Addr{}

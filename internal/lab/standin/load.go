@@ -66,7 +66,11 @@ func runLoad(spec LoadSpec) LoadResult {
 	connect := func(i int) (*net.TCPConn, error) {
 		o := connectOpts{sotype: unix.SOCK_STREAM, dst: dsts[i%len(dsts)], timeout: timeout}
 		if spec.SrcPortBase > 0 {
-			o.src = netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(spec.SrcPortBase+i))
+			any := netip.IPv4Unspecified()
+			if o.dst.Addr().Is6() {
+				any = netip.IPv6Unspecified()
+			}
+			o.src = netip.AddrPortFrom(any, uint16(spec.SrcPortBase+i))
 		}
 		c, _, _, err := rawConnect(o)
 		if err != nil {

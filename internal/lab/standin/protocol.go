@@ -95,12 +95,15 @@ type Response struct {
 }
 
 // ListenSpec starts a server. Proto is "tcp" or "udp"; an IPv4 Addr gives an AF_INET
-// socket, "[::]:port" a dual-stack one. Name is how the server introduces itself in
-// replies and events (default "<role>:<port>", "/udp" appended for UDP).
+// socket, "[::]:port" a dual-stack one (IPv6 only with V6Only), another IPv6 address an
+// AF_INET6 one. Name is how the server introduces itself in replies and events
+// (default "<role>:<port>", "/udp" appended for UDP: the same for both families,
+// whose addresses tell them apart).
 type ListenSpec struct {
-	Proto string `json:"proto"`
-	Addr  string `json:"addr"`
-	Name  string `json:"name,omitempty"`
+	Proto  string `json:"proto"`
+	Addr   string `json:"addr"`
+	Name   string `json:"name,omitempty"`
+	V6Only bool   `json:"v6only,omitempty"`
 	// Quiet counts connections by server name (Events.Counts) instead of
 	// recording an event for each: for load tests.
 	Quiet bool `json:"quiet,omitempty"`
@@ -142,6 +145,10 @@ type DialSpec struct {
 	ReuseAddr bool `json:"reuse_addr,omitempty"`
 	// MPTCP makes the socket IPPROTO_MPTCP.
 	MPTCP bool `json:"mptcp,omitempty"`
+	// Transparent connects from Src, which need not be local (IP_TRANSPARENT
+	// and IP_FREEBIND, or their IPv6 twins), as the proxy delivers inbound
+	// connections with the original client's address.
+	Transparent bool `json:"transparent,omitempty"`
 	// From runs the dial on a new OS thread (FromThread) or in a child process
 	// forked for it (FromChild) instead of on the agent's own goroutine.
 	From string `json:"from,omitempty"`
@@ -180,6 +187,7 @@ const (
 	ActionSelfCall    = "self-call-refused"
 	ActionDialFailed  = "dial-failed:" // + outcome of the upstream connect
 	OrigDstFromCT     = "SO_ORIGINAL_DST"
+	OrigDstFromCT6    = "IP6T_SO_ORIGINAL_DST"
 	OrigDstFromLocal  = "getsockname"
 	requestLinePrefix = "REQ"
 	replyLinePrefix   = "RESP"
@@ -247,15 +255,18 @@ type LoadResult struct {
 type ProxyEvent struct {
 	Listener    int    `json:"listener"`
 	OrigDst     string `json:"orig_dst"`
-	OrigDstFrom string `json:"orig_dst_from"` // SO_ORIGINAL_DST/len=N or getsockname
-	Local       string `json:"local"`
-	Peer        string `json:"peer"`
-	Action      string `json:"action"`
-	UpLocal     string `json:"up_local,omitempty"`
-	UpPeer      string `json:"up_peer,omitempty"`
-	BytesUp     int64  `json:"bytes_up"`   // client → upstream
-	BytesDown   int64  `json:"bytes_down"` // upstream → client
-	Request     string `json:"request,omitempty"`
+	OrigDstFrom string `json:"orig_dst_from"` // SO_ORIGINAL_DST/len=N, IP6T_SO_ORIGINAL_DST/len=N or getsockname
+	// OrigDstAnswers is what each option answered: "ip=<addr>/len=N|failed
+	// ipv6=...".
+	OrigDstAnswers string `json:"orig_dst_answers,omitempty"`
+	Local          string `json:"local"`
+	Peer           string `json:"peer"`
+	Action         string `json:"action"`
+	UpLocal        string `json:"up_local,omitempty"`
+	UpPeer         string `json:"up_peer,omitempty"`
+	BytesUp        int64  `json:"bytes_up"`   // client → upstream
+	BytesDown      int64  `json:"bytes_down"` // upstream → client
+	Request        string `json:"request,omitempty"`
 }
 
 // ServerEvent is one connection (or datagram) accepted by a server.

@@ -90,8 +90,17 @@ func (a *agent) proxyConn(c *net.TCPConn, port int, dialTimeout time.Duration, q
 			peer = addrPortOf(sa)
 		}
 		if port != PortHBONE {
-			if dst, n, err := originalDst(fd); err == nil {
-				orig, ev.OrigDstFrom = dst, fmt.Sprintf("%s/len=%d", OrigDstFromCT, n)
+			// As the real proxy: the IPv4 option, then the IPv6 one. Both are
+			// asked and recorded, so that what each family's option answers
+			// is compared, not only the first that does.
+			dst4, n4, err4 := originalDst(fd)
+			dst6, n6, err6 := originalDst6(fd)
+			ev.OrigDstAnswers = fmt.Sprintf("ip=%s ipv6=%s", answer(dst4, n4, err4), answer(dst6, n6, err6))
+			switch {
+			case err4 == nil:
+				orig, ev.OrigDstFrom = dst4, fmt.Sprintf("%s/len=%d", OrigDstFromCT, n4)
+			case err6 == nil:
+				orig, ev.OrigDstFrom = dst6, fmt.Sprintf("%s/len=%d", OrigDstFromCT6, n6)
 			}
 		}
 		if !orig.IsValid() {
@@ -137,6 +146,16 @@ func (a *agent) proxyConn(c *net.TCPConn, port int, dialTimeout time.Duration, q
 	ev.Action, ev.UpLocal, ev.UpPeer = ActionRelayed, upLocal, upPeer
 	ev.BytesUp, ev.BytesDown = relay(c, up.(*net.TCPConn))
 	record(ev)
+}
+
+// answer words one original-destination option's answer: the address, or that
+// it failed (which errno does not matter: it depends on whether nf_conntrack is
+// loaded at all).
+func answer(dst netip.AddrPort, n int, err error) string {
+	if err != nil {
+		return "failed"
+	}
+	return fmt.Sprintf("%s/len=%d", dst, n)
 }
 
 // closeGracefully sends FIN and drains until the client closes too (bounded), so that

@@ -10,19 +10,18 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// sniff records every distinct TCP connection attempt (SYN without ACK, IPv4)
-// that crosses iface, until the agent exits. It needs CAP_NET_RAW.
+// sniff records every distinct TCP connection attempt (SYN without ACK, IPv4 or
+// IPv6) that crosses iface, until the agent exits. It needs CAP_NET_RAW.
 func (a *agent) sniff(iface string) error {
 	ifi, err := net.InterfaceByName(iface)
 	if err != nil {
 		return err
 	}
-	proto := int(htons(unix.ETH_P_IP))
-	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, proto)
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
 	if err != nil {
 		return fmt.Errorf("packet socket: %w", err)
 	}
-	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_IP), Ifindex: ifi.Index}); err != nil {
+	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifi.Index}); err != nil {
 		unix.Close(fd)
 		return fmt.Errorf("binding the packet socket to %s: %w", iface, err)
 	}
@@ -56,22 +55,30 @@ func (a *agent) addWire(ev WireEvent) {
 	}
 }
 
-// synOf reads an IPv4 packet (no link header) and reports a TCP SYN.
+// synOf reads an IP packet (no link header) and reports a TCP SYN. IPv6
+// extension headers are not followed: the harness's SYNs have none.
 func synOf(b []byte) (WireEvent, bool) {
-	if len(b) < 20 || b[0]>>4 != 4 || b[9] != unix.IPPROTO_TCP {
+	var src, dst netip.Addr
+	var tcp []byte
+	switch {
+	case len(b) >= 20 && b[0]>>4 == 4 && b[9] == unix.IPPROTO_TCP:
+		ihl := int(b[0]&0xf) * 4
+		if len(b) < ihl+14 {
+			return WireEvent{}, false
+		}
+		src, dst, tcp = netip.AddrFrom4([4]byte(b[12:16])), netip.AddrFrom4([4]byte(b[16:20])), b[ihl:]
+	case len(b) >= 40+14 && b[0]>>4 == 6 && b[6] == unix.IPPROTO_TCP:
+		src, dst, tcp = netip.AddrFrom16([16]byte(b[8:24])), netip.AddrFrom16([16]byte(b[24:40])), b[40:]
+	default:
 		return WireEvent{}, false
 	}
-	ihl := int(b[0]&0xf) * 4
-	if len(b) < ihl+14 {
-		return WireEvent{}, false
-	}
-	tcp := b[ihl:]
 	if tcp[13]&0x12 != 0x02 {
 		return WireEvent{}, false
 	}
-	src := netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[12:16])), binary.BigEndian.Uint16(tcp[0:]))
-	dst := netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[16:20])), binary.BigEndian.Uint16(tcp[2:]))
-	return WireEvent{Src: src.String(), Dst: dst.String()}, true
+	return WireEvent{
+		Src: netip.AddrPortFrom(src, binary.BigEndian.Uint16(tcp[0:])).String(),
+		Dst: netip.AddrPortFrom(dst, binary.BigEndian.Uint16(tcp[2:])).String(),
+	}, true
 }
 
 // htons puts v in network order, as packet sockets want their protocol.

@@ -20,14 +20,16 @@ import (
 // soOriginalDst is SO_ORIGINAL_DST from linux/netfilter_ipv4.h.
 const soOriginalDst = 80
 
+// soOriginalDst6 is IP6T_SO_ORIGINAL_DST from linux/netfilter_ipv6/ip6_tables.h.
+const soOriginalDst6 = 80
+
 // fmtSockaddr prints a socket address as the kernel gave it: an AF_INET6 socket's
-// v4-mapped address stays "[::ffff:a.b.c.d]:p", so a change of family is visible.
+// v4-mapped address stays "[::ffff:a.b.c.d]:p", so a change of family is visible,
+// and a scoped (link-local) one shows its interface ("[fe80::1%eth0]:p").
 func fmtSockaddr(sa unix.Sockaddr) string {
-	switch a := sa.(type) {
-	case *unix.SockaddrInet4:
-		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port)).String()
-	case *unix.SockaddrInet6:
-		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr), uint16(a.Port)).String()
+	switch sa.(type) {
+	case *unix.SockaddrInet4, *unix.SockaddrInet6:
+		return addrPortOf(sa).String()
 	case nil:
 		return ""
 	default:
@@ -40,18 +42,36 @@ func addrPortOf(sa unix.Sockaddr) netip.AddrPort {
 	case *unix.SockaddrInet4:
 		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
 	case *unix.SockaddrInet6:
-		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr), uint16(a.Port))
+		ip := netip.AddrFrom16(a.Addr)
+		if a.ZoneId != 0 {
+			ip = ip.WithZone(zoneName(a.ZoneId))
+		}
+		return netip.AddrPortFrom(ip, uint16(a.Port))
 	}
 	return netip.AddrPort{}
 }
 
+// zoneName names an interface of the calling process's namespace.
+func zoneName(index uint32) string {
+	if ifc, err := net.InterfaceByIndex(int(index)); err == nil {
+		return ifc.Name
+	}
+	return fmt.Sprint(index)
+}
+
 // sockaddrFor builds a sockaddr of the given family; an IPv4 address in an AF_INET6
-// socket becomes v4-mapped.
+// socket becomes v4-mapped, and a zone ("%eth0") the scope id.
 func sockaddrFor(family int, ap netip.AddrPort) unix.Sockaddr {
 	if family == unix.AF_INET {
 		return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().Unmap().As4()}
 	}
-	return &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+	sa := &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+	if z := ap.Addr().Zone(); z != "" {
+		if ifc, err := net.InterfaceByName(z); err == nil {
+			sa.ZoneId = uint32(ifc.Index)
+		}
+	}
+	return sa
 }
 
 // names reads getsockname and getpeername of a socket.
@@ -127,15 +147,17 @@ func rawConnect(o connectOpts) (c net.Conn, local, peer string, err error) {
 		}
 	}
 	if o.transparent {
-		level, opt := unix.SOL_IP, unix.IP_TRANSPARENT
+		// The real proxy: IP_TRANSPARENT + IP_FREEBIND, IPV6_TRANSPARENT +
+		// IPV6_FREEBIND for IPv6.
+		level, opt, free := unix.SOL_IP, unix.IP_TRANSPARENT, unix.IP_FREEBIND
 		if family == unix.AF_INET6 {
-			level, opt = unix.SOL_IPV6, unix.IPV6_TRANSPARENT
+			level, opt, free = unix.SOL_IPV6, unix.IPV6_TRANSPARENT, unix.IPV6_FREEBIND
 		}
 		if err := unix.SetsockoptInt(fd, level, opt, 1); err != nil {
-			return nil, "", "", fmt.Errorf("IP_TRANSPARENT: %w", err)
+			return nil, "", "", fmt.Errorf("IP(V6)_TRANSPARENT: %w", err)
 		}
-		if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_FREEBIND, 1); err != nil {
-			return nil, "", "", fmt.Errorf("IP_FREEBIND: %w", err)
+		if err := unix.SetsockoptInt(fd, level, free, 1); err != nil {
+			return nil, "", "", fmt.Errorf("IP(V6)_FREEBIND: %w", err)
 		}
 		// Pick the port at connect, knowing the destination, as a proxy under
 		// load must: a port picked at bind cannot be shared with a connection
@@ -239,9 +261,19 @@ func soMark(fd int) uint32 {
 // originalDst asks getsockopt(SOL_IP, SO_ORIGINAL_DST) with a 128-byte buffer, as the
 // real proxy does, and returns the address and the length the kernel reported.
 func originalDst(fd int) (netip.AddrPort, int, error) {
+	return askOriginalDst(fd, unix.SOL_IP, soOriginalDst)
+}
+
+// originalDst6 asks getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST), the real proxy's
+// second try.
+func originalDst6(fd int) (netip.AddrPort, int, error) {
+	return askOriginalDst(fd, unix.SOL_IPV6, soOriginalDst6)
+}
+
+func askOriginalDst(fd, level, opt int) (netip.AddrPort, int, error) {
 	var buf [128]byte
 	size := uint32(len(buf))
-	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_IP, soOriginalDst,
+	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt),
 		uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&size)), 0)
 	if e != 0 {
 		return netip.AddrPort{}, int(size), e
@@ -283,6 +315,13 @@ func downSeed(token string) string { return "down/" + token }
 // originalDst), for other harnesses' proxies.
 func OriginalDst(fd int) (netip.AddrPort, error) {
 	dst, _, err := originalDst(fd)
+	return dst, err
+}
+
+// OriginalDst6 asks IP6T_SO_ORIGINAL_DST (see originalDst6), for other
+// harnesses' proxies.
+func OriginalDst6(fd int) (netip.AddrPort, error) {
+	dst, _, err := originalDst6(fd)
 	return dst, err
 }
 

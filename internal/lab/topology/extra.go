@@ -9,13 +9,18 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
-// The second link a test may add to a pod: eth1, 10.78.0.2/24 in the pod,
-// 10.78.0.1/24 on R.
+// The second link a test may add to a pod: eth1, 10.78.0.2/24 and
+// fd00:78::2/64 in the pod, 10.78.0.1/24 and fd00:78::1/64 on R.
 var (
-	Pod2IP  = net.IPv4(10, 78, 0, 2).To4()
-	Peer2IP = net.IPv4(10, 78, 0, 1).To4()
+	Pod2IP   = net.IPv4(10, 78, 0, 2).To4()
+	Peer2IP  = net.IPv4(10, 78, 0, 1).To4()
+	Pod2IP6  = net.ParseIP("fd00:78::2")
+	Peer2IP6 = net.ParseIP("fd00:78::1")
+	Pod2LL6  = net.ParseIP("fe80::12")
+	Peer2LL6 = net.ParseIP("fe80::11")
 )
 
 // SecondIfName is the name of the second link on both sides.
@@ -47,7 +52,8 @@ func MoveToCgroup(pid int, dir string) error {
 // AddSecondInterface links the pod to R a second time (eth1 on both sides,
 // Pod2IP and Peer2IP), as a CNI adding a network to a running pod would.
 func (p *Pod) AddSecondInterface() error {
-	return p.AddLink(SecondIfName, []*net.IPNet{{IP: Pod2IP, Mask: net.CIDRMask(24, 32)}}, []*net.IPNet{{IP: Peer2IP, Mask: net.CIDRMask(24, 32)}})
+	return p.AddLink(SecondIfName, []*net.IPNet{prefix(Pod2IP, 24), prefix(Pod2IP6, 64), prefix(Pod2LL6, 64)},
+		[]*net.IPNet{prefix(Peer2IP, 24), prefix(Peer2IP6, 64), prefix(Peer2LL6, 64)})
 }
 
 // AddLink links the pod to R with a veth of that name on both sides, with
@@ -74,7 +80,8 @@ func (p *Pod) AddLink(name string, podAddrs, peerAddrs []*net.IPNet) error {
 			return err
 		}
 		for _, a := range side.addrs {
-			if err := side.h.AddrAdd(l, &netlink.Addr{IPNet: a}); err != nil {
+			// No duplicate address detection: usable at once.
+			if err := side.h.AddrAdd(l, &netlink.Addr{IPNet: a, Flags: unix.IFA_F_NODAD}); err != nil {
 				return fmt.Errorf("address %s on %s: %w", a, name, err)
 			}
 		}

@@ -24,16 +24,35 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/ebpf-redirect/ebpf-redirect/internal/podnet"
 )
 
-// The addressing plan every pod gets.
+// The addressing plan every pod gets: dual-stack, as a default Istio
+// installation captures both families.
 var (
 	PodIP          = net.IPv4(10, 77, 0, 2).To4() // primary address of the pod's eth0
 	PodSecondaryIP = net.IPv4(10, 77, 0, 3).To4() // secondary address, same subnet
 	PeerIP         = net.IPv4(10, 77, 0, 1).To4() // R, the pod's default gateway
 	ProbeIP        = net.IPv4(169, 254, 7, 127).To4()
 	RemoteIP       = net.IPv4(10, 77, 9, 9).To4() // a "remote service" reached through R
+
+	PodIP6          = net.ParseIP("fd00:77::2") // the pod's global IPv6 address (the first: REDIRECT's)
+	PodSecondaryIP6 = net.ParseIP("fd00:77::3")
+	PodLinkLocal6   = net.ParseIP("fe80::2") // fixed, so that records compare
+	PeerIP6         = net.ParseIP("fd00:77::1")
+	PeerLinkLocal6  = net.ParseIP("fe80::1")
+	ProbeIP6        = net.ParseIP("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
+	RemoteIP6       = net.ParseIP("fd00:99::9")
 )
+
+func prefix(ip net.IP, bits int) *net.IPNet {
+	n := 32
+	if ip.To4() == nil {
+		n = 128
+	}
+	return &net.IPNet{IP: ip, Mask: net.CIDRMask(bits, n)}
+}
 
 const (
 	// PodIfName is the pod's interface; PeerIfName is R's end of the veth.
@@ -231,6 +250,9 @@ func (r *Run) NewPod() (p *Pod, err error) {
 			return p, fmt.Errorf("ip netns add %s: %v: %s", ns, err, out)
 		}
 		p.netnsMade = append(p.netnsMade, ns)
+		if err := ipv6Defaults(netnsPath(ns)); err != nil {
+			return p, err
+		}
 	}
 	if err := p.wire(); err != nil {
 		return p, err
@@ -238,13 +260,36 @@ func (r *Run) NewPod() (p *Pod, err error) {
 	return p, nil
 }
 
+// ipv6Defaults makes the interfaces of a new namespace get no automatic
+// link-local address and no duplicate address detection: every IPv6 address is
+// the plan's, and usable at once (a test waits for nothing it did not ask).
+func ipv6Defaults(nsPath string) error {
+	ns, err := podnet.Open(nsPath)
+	if err != nil {
+		return err
+	}
+	defer ns.Close()
+	for _, kv := range [][2]string{
+		{"net.ipv6.conf.default.addr_gen_mode", "1"},
+		{"net.ipv6.conf.default.accept_dad", "0"},
+		{"net.ipv6.conf.all.accept_dad", "0"},
+		{"net.ipv6.conf.default.accept_ra", "0"},
+	} {
+		if _, err := podnet.SetSysctl(ns, kv[0], kv[1]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // wire creates the veth and the addressing, through netlink handles bound to the two
 // namespaces, so that the host namespace is never touched.
 func (p *Pod) wire() error {
-	// The primary address must be added first: the secondary is then flagged secondary.
+	// The primary IPv4 address must be added first: the secondary is then
+	// flagged secondary. IPv6 lists the newest first: the secondary goes first.
 	if err := p.AddLink(PodIfName,
-		[]*net.IPNet{{IP: PodIP, Mask: net.CIDRMask(24, 32)}, {IP: PodSecondaryIP, Mask: net.CIDRMask(24, 32)}},
-		[]*net.IPNet{{IP: PeerIP, Mask: net.CIDRMask(24, 32)}, {IP: ProbeIP, Mask: net.CIDRMask(32, 32)}, {IP: RemoteIP, Mask: net.CIDRMask(32, 32)}},
+		[]*net.IPNet{prefix(PodIP, 24), prefix(PodSecondaryIP, 24), prefix(PodSecondaryIP6, 64), prefix(PodIP6, 64), prefix(PodLinkLocal6, 64)},
+		[]*net.IPNet{prefix(PeerIP, 24), prefix(ProbeIP, 32), prefix(RemoteIP, 32), prefix(PeerIP6, 64), prefix(ProbeIP6, 128), prefix(RemoteIP6, 128), prefix(PeerLinkLocal6, 64)},
 	); err != nil {
 		return err
 	}
@@ -266,12 +311,14 @@ func (p *Pod) wire() error {
 	if err != nil {
 		return err
 	}
-	if err := hp.RouteAdd(&netlink.Route{
-		LinkIndex: podLink.Attrs().Index,
-		Gw:        PeerIP,
-		Dst:       nil, // default
-	}); err != nil {
-		return fmt.Errorf("pod default route: %w", err)
+	for _, gw := range []net.IP{PeerIP, PeerIP6} {
+		if err := hp.RouteAdd(&netlink.Route{
+			LinkIndex: podLink.Attrs().Index,
+			Gw:        gw,
+			Dst:       nil, // default
+		}); err != nil {
+			return fmt.Errorf("pod default route via %s: %w", gw, err)
+		}
 	}
 	return nil
 }
